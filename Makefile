@@ -1,0 +1,63 @@
+# bctnb — the two commands of the README are `make reproduce` and `make test`.
+# Both start with `make setup`, which builds .venv from nothing (idempotent, keyed on pyproject.toml).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bctnb-setup
+# One thread per process: torchrun workers and the test runner share the 2 cores explicitly.
+export OMP_NUM_THREADS ?= 1
+export PYTHONHASHSEED ?= 0
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, pinned: the local CPU wheel here (the CUDA build on a CUDA machine); a looser
+	@# requirement resolved later would otherwise pull a multi-GB CUDA build onto a CPU machine.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name bctnb --display-name "Python (bctnb)" >/dev/null
+	@touch $(STAMP)
+	@echo "setup: .venv ready ($$($(BIN)/python -c 'import torch,sys;print(sys.version.split()[0], "torch", torch.__version__)'))"
+
+## make test: sync checks, notebook tests, pytest.
+test: setup check-sync check-clean nbtest pytest
+	@echo "make test: all checks passed"
+
+# (1) The package is generated from nbs/: nbdev-export must not change bctnb/.
+check-sync: setup
+	@bash .ci/check_unchanged.sh bctnb "nbdev-export changed bctnb/: the package was edited by hand or a notebook was not exported. Edit the notebook in nbs/, run nbdev-export, commit both." -- $(BIN)/nbdev-export
+
+# (2) Notebooks are committed clean: nbdev-clean must not change nbs/.
+check-clean: setup
+	@bash .ci/check_unchanged.sh nbs "nbdev-clean changed notebooks in nbs/: run nbdev-clean and commit the cleaned notebooks." -- $(BIN)/nbdev-clean
+
+# (3) Inline tests of the library notebooks (pipeline notebooks carry skip_exec and run under pytest).
+nbtest: setup
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+# (4) pytest: unit tests, torchrun and papermill runs of the pipeline notebooks.
+pytest: setup
+	$(BIN)/python -m pytest -q
+
+## make reproduce: the CPU tier on the embedded emoji dataset, ending in a report under reports/.
+reproduce: setup
+	@bash .ci/reproduce.sh quick
+
+reproduce-full: setup
+	@bash .ci/reproduce.sh full
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) _proc _docs *.egg-info .pytest_cache
