@@ -13,18 +13,20 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full lab bench clean
 
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	@# torch first, pinned: the local CPU wheel here (the CUDA build on a CUDA machine); a looser
-	@# requirement resolved later would otherwise pull a multi-GB CUDA build onto a CPU machine.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name bctnb --display-name "Python (bctnb)" >/dev/null
-	@touch $(STAMP)
-	@echo "setup: .venv ready ($$($(BIN)/python -c 'import torch,sys;print(sys.version.split()[0], "torch", torch.__version__)'))"
+# Keyed on the *content* of pyproject.toml (nbdev-export rewrites the file, so its mtime is useless).
+setup:
+	@h=$$(sha256sum pyproject.toml | cut -c1-64); \
+	if [ -x $(BIN)/python ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$h" ]; then exit 0; fi; \
+	set -x; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip; \
+	$(BIN)/python -m pip install -q torch==2.13.0; \
+	$(BIN)/python -m pip install -q -e ".[dev]"; \
+	$(BIN)/python -m ipykernel install --sys-prefix --name bctnb --display-name "Python (bctnb)" >/dev/null; \
+	set +x; echo "$$h" > $(STAMP); \
+	echo "setup: .venv ready ($$($(BIN)/python -c 'import torch,sys;print(sys.version.split()[0], "torch", torch.__version__)'))"
+# torch is installed first, pinned: the local CPU wheel here (the CUDA build on a CUDA machine); a looser
+# requirement resolved later would otherwise pull a multi-GB CUDA build onto a CPU machine.
 
 ## make test: sync checks, notebook tests, pytest.
 test: setup check-sync check-clean nbtest pytest
