@@ -18,9 +18,10 @@ run_nb() {  # run_nb NOTEBOOK OUTDIR [papermill args...]
   ran=$((ran+1))
 }
 if [ "$scale" = quick ]; then
-  run_nb reproduce_quick reports/quick
+  # open-class + extended-class, every method, seed 0, hot refresh for BCT and RACT (reports/unibct_quick/README.md)
+  run_nb reproduce_unibct reports/unibct_quick -p scale quick
 else
-  for s in unibct mixbct hot_refresh; do run_nb "reproduce_$s" "reports/$s" -p scale cpu; done
+  for s in unibct mixbct hot_refresh; do run_nb "reproduce_$s" "reports/${s}_cpu" -p scale cpu; done
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo
