@@ -1,0 +1,112 @@
+"""Method benchmark: the training-step time of every compatible-training method relative to `independent`, on the
+same batch, in one process, through the trainer's own `Trainee` (backbone forward under the trainer's autocast, the
+method, backward, SGD step). Targets (issue 5): ≤ 1.15× independent; NCCL and AdvBCT ≤ 1.35×.
+
+CPU-tier shapes: cpu_resnet at 32×32, dim 128, batch 128, a new ArcFace head over 919 classes, an old softmax model
+(394 classes), NCCL queue K = 8192 (full, as at steady state). Methods are timed in interleaved rounds (median per-step time), so load from other
+processes on the machine hits all of them alike; the ratio uses the process CPU time of each step (one thread, so it is the
+step's compute and is barely affected by other processes on a shared machine), the wall time is reported too. Two old-feature sources are measured: `online` (φ_o on the augmented
+batch, the CPU-tier recipe with crops) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
+epoch-level cost, reported separately. Writes benchmarks/results/methods.json with the machine description.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_methods.py [--quick]
+"""
+import argparse, os, statistics, sys, tempfile, time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
+import numpy as np
+import torch
+
+from bctnb.core import environment, save_json, select_precision
+from bctnb.data import ArrayDataset, BatchAugment
+from bctnb.losses import MethodContext, available_methods, get_method
+from bctnb.models import create_backbone, create_head
+from bctnb.train import Trainee
+
+OUT = Path(__file__).resolve().parent / "results" / "methods.json"
+TARGET = {"nccl": 1.35, "advbct": 1.35}
+
+
+def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    labels = np.arange(n) % c_new + 1000                  # global labels of the new training set
+    ds = ArrayDataset(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), labels)
+    prec = select_precision("cpu", amp=amp)
+    old = create_backbone("cpu_resnet", dim=dim); old_head = create_head("softmax", dim, c_old)
+    new = create_backbone("cpu_resnet", dim=dim); head = create_head("arcface", dim, c_new, s=30.0, m=0.3)
+    aug = BatchAugment(flip=True, rrc_scale=None, jitter=0.0) if source == "cached" else BatchAugment()
+    old_classes = np.arange(c_old) + 1000 - c_old // 2     # half seen, half not: BCT synthesizes rows
+    ctx = MethodContext(old_backbone=old, old_head=old_head, old_info={"label_map": old_classes, "dim": dim},
+                        new_backbone=new, new_head=head, train_set=ds, train_global_labels=labels, precision=prec,
+                        seed=seed, augment=aug, epochs=25, steps_per_epoch=n // b, batch_size=b, cache_dir=cache)
+    kw = {"old_source": source} if "old_source" in get_method(name).hparams else {}
+    m = get_method(name, **kw)
+    t = time.perf_counter(); m.setup(ctx); setup_s = time.perf_counter() - t
+    t = time.perf_counter(); m.on_epoch_start(ctx.epochs - 1, ctx); epoch_s = time.perf_counter() - t
+    if hasattr(m, "push"):                                 # NCCL at steady state: a full queue of K entries
+        qg = torch.Generator().manual_seed(2)
+        m.push(torch.nn.functional.normalize(torch.randn(m.K, dim, generator=qg), dim=1),
+               torch.nn.functional.normalize(torch.randn(m.K, c_new, generator=qg), dim=1), torch.randint(0, c_new, (m.K,), generator=qg))
+    trainee = Trainee(new, head, m, prec, frozen=[old, old_head])
+    opt = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    trainee.train()
+    # the same batch for every method
+    x, flipped = aug(ds.images[:b], torch.Generator().manual_seed(1))
+    y = torch.as_tensor(labels[:b]); fields = dict(labels=y - 1000, global_labels=y, index=torch.arange(b), flipped=flipped,
+                                                    epoch=ctx.epochs - 1, step=100, total_steps=25 * (n // b),
+                                                    steps_per_epoch=n // b, epochs=ctx.epochs)
+
+    def step():
+        terms = trainee(x, **fields); loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return step, setup_s, epoch_s
+
+
+def main(quick=False, amp=True):
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    n, b, dim, c_new, c_old = (1024, 64, 128, 919, 394) if quick else (2048, 128, 128, 919, 394)
+    rounds, steps = (2, 2) if quick else (10, 3)
+    names = available_methods()
+    per_source = {"online": names, "cached": [m for m in names if "old_source" in get_method(m).hparams]}
+    cache = Path(tempfile.mkdtemp())
+    runners, info = {}, {}
+    for source, ms in per_source.items():
+        for name in ms:
+            key = name if source == "online" else f"{name} (cached)"
+            if source == "online" and "old_source" not in get_method(name).hparams and name != "independent" and key in runners: continue
+            step, setup_s, epoch_s = build(name, source, n, c_new, c_old, b, dim, amp, cache)
+            step(); step()                                  # warm-up
+            runners[key] = step; info[key] = {"setup_s": round(setup_s, 3), "epoch_hook_s": round(epoch_s, 3)}
+    cpu, wall = {k: [] for k in runners}, {k: [] for k in runners}
+    for r in range(rounds):
+        for k, step in runners.items():
+            for _ in range(steps):
+                t, c = time.perf_counter(), time.process_time(); step()
+                cpu[k].append(time.process_time() - c); wall[k].append(time.perf_counter() - t)
+    base, base_w = statistics.median(cpu["independent"]), statistics.median(wall["independent"])
+    rows = {}
+    for k in runners:
+        med, med_w = statistics.median(cpu[k]), statistics.median(wall[k]); name = k.split(" ")[0]
+        target = TARGET.get(name, 1.15)
+        rows[k] = {"step_cpu_s": round(med, 4), "ratio": round(med / base, 3), "step_wall_s": round(med_w, 4),
+                   "ratio_wall": round(med_w / base_w, 3), "target": target, "ok": med / base <= target, **info[k]}
+    print(f"{'method':22s} {'cpu ms':>7s} {'ratio':>6s} {'wall ms':>8s} {'ratio':>6s} {'target':>6s}  ok   setup s  epoch-hook s")
+    for k, r in rows.items():
+        print(f"{k:22s} {1000 * r['step_cpu_s']:7.1f} {r['ratio']:6.3f} {1000 * r['step_wall_s']:8.1f} {r['ratio_wall']:6.3f} "
+              f"{r['target']:6.2f}  {'yes' if r['ok'] else 'NO ':3s} {r['setup_s']:8.2f} {r['epoch_hook_s']:12.2f}")
+    res = {"benchmark": "method step time relative to independent (same batch, one process)",
+           "shapes": {"train_images": n, "batch": b, "dim": dim, "new_classes": c_new, "old_classes": c_old, "image": "3x32x32",
+                      "backbone": "cpu_resnet", "new_head": "arcface", "old_head": "softmax", "amp": "bf16 autocast" if amp else "fp32",
+                      "rounds": rounds, "steps_per_round": steps, "threads": torch.get_num_threads()},
+           "methods": rows, "environment": environment()}
+    if not quick: save_json(OUT, res)
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(); ap.add_argument("--quick", action="store_true"); ap.add_argument("--fp32", action="store_true")
+    a = ap.parse_args()
+    main(a.quick, amp=not a.fp32)
