@@ -386,7 +386,11 @@ class UniBCT(Method):
         check(not self.refresh or self.start >= self.refresh[0] or self.e0 is None,
               f"unibct: e0={self.e0} is before the first refresh epoch {self.refresh[0]}; the unrefined prototypes would enter the loss. Set e0 >= {self.refresh[0]}.")
         self.old_pair(ctx)
-        self.P = torch.zeros(self.C, ctx.new_head.weight.shape[1], device=self._ctx_device); self.refreshed = None; self.eff = None
+        self.register_buffer("P", torch.zeros(self.C, ctx.new_head.weight.shape[1], device=self._ctx_device), persistent=True)
+        self.refreshed = None; self.eff = None
+
+    def get_extra_state(self): return {"refreshed": getattr(self, "refreshed", None)}      # checkpointed with the buffer P
+    def set_extra_state(self, state): self.refreshed = state["refreshed"]
 
     def on_epoch_start(self, epoch: int, ctx: MethodContext):
         if epoch in self.refresh or (epoch >= self.start and self.refreshed is None): self.refresh_prototypes(ctx, epoch)
@@ -400,7 +404,7 @@ class UniBCT(Method):
             new = extract_features(ctx.new_backbone, ctx.train_set, batch_size=self.batch_size, flip="none", precision=ctx.precision)
             P, _, eff = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=self.tau_g, lam=self.lam_g, steps=self.steps,
                                           max_vertices=self.max_vertices, classes=np.arange(self.C))
-            self.P = P.to(self._ctx_device); self.eff = eff
+            self.P = P.to(device=self.P.device, dtype=self.P.dtype); self.eff = eff
             e = eff[torch.isfinite(eff)]
             if len(e): print(f"[unibct] epoch {epoch}: refreshed {self.C} prototypes; effective vertices per class (1/Σπ²): "
                              f"median {e.median().item():.2f}, min {e.min().item():.2f}", flush=True)
@@ -477,14 +481,18 @@ class NCCL(Method):
         dev = self._ctx_device
         amp = getattr(ctx.precision, "amp_dtype", None)
         dt = (amp or torch.float32) if self.queue_dtype == "auto" else getattr(torch, self.queue_dtype)
-        self.q = torch.zeros(self.K, int(d_o), device=dev, dtype=dt)
-        self.z = torch.zeros(self.K, C, device=dev, dtype=dt)
-        self.ql = torch.full((self.K,), -1, dtype=torch.int64, device=dev)
-        self.valid = torch.zeros(self.K, dtype=torch.bool, device=dev); self.ptr = 0
+        for k, v in dict(q=torch.zeros(self.K, int(d_o), device=dev, dtype=dt), z=torch.zeros(self.K, C, device=dev, dtype=dt),
+                         ql=torch.full((self.K,), -1, dtype=torch.int64, device=dev),
+                         valid=torch.zeros(self.K, dtype=torch.bool, device=dev)).items():
+            self.register_buffer(k, v, persistent=True)                # training state: in the trainer's checkpoint
+        self.ptr = 0
         self.cred = None
         if self.filter:
             cred = self.artefact(ctx, "nccl_filter", lambda: {"credible": nccl_filter(self.old_pair(ctx)[:, 0].cpu(), self.split_labels(ctx))})
             self.cred = cred["credible"].to(dev)
+
+    def get_extra_state(self): return {"ptr": int(getattr(self, "ptr", 0))}     # the queue's write pointer, with its buffers
+    def set_extra_state(self, state): self.ptr = int(state["ptr"])
 
     def _logits(self, head, x: Tensor, labels: Tensor) -> Tensor:
         if self.disc_logits == "mx": return head(x, labels).float().clamp(-1, 1)

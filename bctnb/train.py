@@ -28,7 +28,7 @@ from .core import (BctnbError, ConfigError, NotFoundError, IntegrityError, Confi
                         rng_state, set_rng_state, select_precision, progress, runs_home)
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, load_dataset, make_split, SCENARIOS
-from .losses import METHODS, Batch, MethodContext, get_method
+from .losses import METHODS, Batch, MethodContext, get_method, projection_methods
 
 # %% ../nbs/05_train.ipynb #fe533f8d
 try: import bctnb.prototypes  # noqa: F401  (registers the prototype-based methods, if that module defines any)
@@ -434,7 +434,7 @@ def train(cfg: TrainConfig, run_dir=None, root=None) -> Path:
         freeze(old_bb); freeze(old_head)
         if method.equal_dims and old_info["dim"] != cfg.dim:
             raise ConfigError(f"embedding dimension mismatch: the old model {cfg.old_run} has dim={old_info['dim']} but this run "
-                              f"has dim={cfg.dim}; method '{cfg.method}' needs equal dims. Set dim={old_info['dim']}.")
+                              f"has dim={cfg.dim}; method '{cfg.method}' needs equal dims. Set dim={old_info['dim']}, or use a method that allows a projection: {projection_methods()}.")
     backbone.to(dev); head.to(dev)
     ctx = MethodContext(old_backbone=old_bb, old_head=old_head, old_info=old_info, new_backbone=backbone, new_head=head,
                         train_set=data.train_set, train_global_labels=data.global_labels.numpy(), split=data.split,
@@ -463,6 +463,8 @@ def train(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     model = trainee
     if world > 1:
         find_unused = any(p.requires_grad for p in method.parameters())
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(   # method's own state: it syncs it
+            trainee, [f"method.{n}" for n, _ in method.named_buffers(recurse=False)])
         model = nn.parallel.DistributedDataParallel(trainee, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                     find_unused_parameters=find_unused)
     model.train()

@@ -260,6 +260,43 @@ def test_every_method_trains_a_few_steps(old_run, name):
     assert int(m["step"].max()) == 3
 
 
+STATEFUL = ("nccl", "unibct")             # training state outside parameters: NCCL's queue, UniBCT's refreshed prototypes
+
+
+@pytest.mark.parametrize("name", [n if n in STATEFUL else pytest.param(n, marks=pytest.mark.slow) for n in ALL])
+def test_interrupted_method_run_resumes_bit_identically(old_run, name, tmp_path, monkeypatch):
+    """Interrupted in epoch 1 (after UniBCT's refresh, with NCCL's queue filled) and resumed from the checkpoint of
+    step 6: the same losses at every step and the same final model as the uninterrupted run."""
+    from bctnb.core import Run, load_json
+    from bctnb.train import train
+    from safetensors.torch import load_file
+    cfg = new_run_config(old_run, name, preset="smoke", epochs=2, ckpt_every=3).replace(max_steps=None)  # 4 steps/epoch, 8 in all
+    ref = train(cfg, root=tmp_path / "a")
+    cls, crash = METHODS.get(name), {"at": 7}
+    fwd = cls.forward
+    def interrupted(self, batch):
+        if batch.step == crash["at"]:
+            crash["at"] = None
+            raise KeyboardInterrupt("simulated interruption")
+        return fwd(self, batch)
+    monkeypatch.setattr(cls, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, root=tmp_path / "b")
+    run = tmp_path / "b" / ref.name
+    assert load_json(run / "ckpt" / "last.json")["step"] == 6 and not Run(run).done
+    if name in STATEFUL:
+        st = load_file(str(run / "ckpt" / "step-00000006" / "state.safetensors"))
+        assert any(k.startswith("method.") for k in st), "the method's training state is not in the checkpoint"
+    res = train(cfg, root=tmp_path / "b")
+    assert load_json(ref / "summary.json") == load_json(res / "summary.json")          # same epoch losses, same weights
+    cols = [c for c in Run(ref).metrics().columns if c.startswith("loss")]
+    a, b = Run(ref).metrics().dropna(subset=["loss"]), Run(res).metrics().dropna(subset=["loss"])
+    assert a["step"].tolist() == b["step"].tolist() == list(range(1, 9))
+    assert a[cols].equals(b[cols]), "per-step losses differ after resume"
+    for f in ("backbone.safetensors", "head.safetensors"):                             # the saved model carries no method state
+        assert not any(k.startswith("method") for k in load_file(str(res / "model" / f)))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
