@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'scale_info', 'Job', 'plan_study', 'pair_verification',
-           'pair_metrics', 'test_set', 'evaluate_pair', 'result_path', 'run_study', 'load_results', 'add_derived',
-           'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts', 'plot_cross_vs_old',
-           'plot_refresh_curves', 'write_report', 'default_methods', 'reproduce', 'paper_commands',
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'scale_info', 'Job', 'plan_study',
+           'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study',
+           'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts',
+           'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods', 'reproduce', 'paper_commands',
            'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
@@ -33,6 +33,7 @@ SCALES = {
     "cpu":   dict(preset="cpu", seeds=(0, 1, 2), old={}, new={}),
     "paper": dict(preset="paper", seeds=(0, 1, 2), old={}, new={}),
 }
+FCT_EPOCHS = {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}    # epochs of the FCT transformation h
 
 PAPER_DATA = {"face": ("ms1mv3_rec", "ijbc"), "landmark": ("gldv2", "roxford5k")}
 
@@ -51,6 +52,7 @@ class Job:
     old: "Job | None" = None
     tags: dict = field(default_factory=dict)    # method, scenario, seed, old_variant, ...
     refresh: bool = False               # also run the hot-refresh sweep for this job
+    fct_epochs: int | None = None       # fct: train h(old) → new on the new training set, gallery = h(φ_o(g))
 
     def config(self, old_run: str | None = None):
         from bctnb.train import TrainConfig
@@ -96,11 +98,12 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                                     tags={"old_variant": v, "seed": seed, "old_split": key[2]})
                 nd = OLD_VARIANTS[v]["dim"]
                 for m in methods:
+                    # fct reuses the independent model's run (same training config), then fits h(old) → new
                     nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed, "dim": nd,
-                          "method": m, "method_kw": method_kw.get(m, {})}
+                          "method": "independent" if m == "fct" else m, "method_kw": method_kw.get(m, {})}
                     jobs.append(Job(f"{m}/{sc}/{v}/s{seed}", nv, "new", info["preset"], old=olds[key],
                                     tags={"method": m, "scenario": sc, "seed": seed, "old_variant": v},
-                                    refresh=m in refresh_methods))
+                                    refresh=m in refresh_methods, fct_epochs=FCT_EPOCHS[scale] if m == "fct" else None))
     return list(olds.values()) + jobs
 
 # %% ../nbs/08_study.ipynb #e8d93ad7
@@ -137,26 +140,44 @@ class _FeatureCache:
         with self._lock: self._d[k] = (f, head, info)
         return self._d[k]
 
-def test_set(cfg):
-    "(uint8 test images, global labels) of the held-out test classes of a TrainConfig's dataset and split"
+def split_images(cfg, which: str = "test"):
+    "(uint8 images, global labels) of one part ('test', 'old', 'new') of a TrainConfig's dataset and split"
     from bctnb.data import load_dataset, make_split
     ds = load_dataset(cfg.dataset, root=cfg.data_root, **cfg.dataset_kw)
     sp = make_split(ds.labels, cfg.scenario, cfg.old_ratio, cfg.split_seed, cfg.test_ratio, keys=ds.keys)
-    sub = ds.subset(sp.test)
-    return sub.images_uint8(), np.asarray(ds.labels)[sp.test]
+    idx = sp.indices(which)
+    return ds.subset(idx).images_uint8(), np.asarray(ds.labels)[idx]
+
+def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
+    "FCT: fit h(φ_o(x)) ≈ φ_n(x) on the new training set (bctnb.losses.train_fct); cached in the new run's folder"
+    from bctnb.losses import train_fct, save_fct, load_fct
+    from bctnb.models import load_model, extract_features
+    ob, _, oinfo = load_model(Path(old_dir)/"model"); nb, _, _ = load_model(Path(new_dir)/"model")
+    f = Path(new_dir)/f"fct-{oinfo['sha256'][:12]}-e{epochs}-s{seed}.safetensors"
+    if f.exists(): return load_fct(f)
+    X, _ = split_images(cfg, "new")
+    h = train_fct(extract_features(ob, X), extract_features(nb, X), epochs=epochs, seed=seed)
+    save_fct(f, h)
+    return h
 
 def evaluate_pair(old_run, new_run, cfg, cache: _FeatureCache | None = None, refresh: bool = False,
-                  refresh_steps: int = 10, refresh_seeds=(0, 1, 2)) -> dict:
-    "old/old, self and cross metrics (CPU-tier protocol) of a trained new run against its old run, plus hot refresh"
+                  refresh_steps: int = 10, refresh_seeds=(0, 1, 2), fct_epochs: int | None = None) -> dict:
+    """old/old, self and cross metrics (CPU-tier protocol) of a trained new run against its old run, plus hot refresh.
+    With `fct_epochs`, the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
     cache = cache or _FeatureCache()
-    X, lab = test_set(cfg)
+    X, lab = split_images(cfg, "test")
     key = (cfg.dataset, cfg.split_seed, cfg.test_ratio)
     G_o, old_head, old_info = cache.get(Path(old_run)/"model", X, key)
     Q_n, _, _ = cache.get(Path(new_run)/"model", X, key)
-    if G_o.shape[1] != Q_n.shape[1]:
+    G_x = G_o                                            # what the un-refreshed gallery holds
+    if fct_epochs:
+        h = fit_fct(old_run, new_run, cfg, fct_epochs, seed=cfg.seed)
+        with torch.no_grad(): G_x = h(torch.as_tensor(G_o)).numpy()
+    if G_x.shape[1] != Q_n.shape[1]:
         raise ConfigError(f"old model has dim {G_o.shape[1]} and new model dim {Q_n.shape[1]}: cross-test needs equal dims (or a declared transformation, e.g. fct)")
     out = {"old/old": pair_metrics(G_o, G_o, lab, True), "self": pair_metrics(Q_n, Q_n, lab, True),
-           "cross": pair_metrics(Q_n, G_o, lab, False), "n_test": int(len(lab)), "n_test_classes": int(len(np.unique(lab)))}
+           "cross": pair_metrics(Q_n, G_x, lab, False), "gallery": "h(old)" if fct_epochs else "old",
+           "n_test": int(len(lab)), "n_test_classes": int(len(np.unique(lab)))}
     if refresh:
         from bctnb.evaluate import hot_refresh, loo_scorer, old_uncertainty
         unc = None
@@ -165,7 +186,7 @@ def evaluate_pair(old_run, new_run, cfg, cache: _FeatureCache | None = None, ref
             b = None if getattr(old_head, "bias", None) is None else old_head.bias.detach().float().numpy()
             kind = "linear" if old_head.kind == "softmax" else "cosine"
             unc = old_uncertainty(G_o, W, b, s=None if kind == "linear" else float(old_head.s), kind=kind)
-        res = hot_refresh(Q_n, G_o, Q_n, loo_scorer(lab), q_old=G_o, steps=refresh_steps, seeds=refresh_seeds,
+        res = hot_refresh(Q_n, G_x, Q_n, loo_scorer(lab), q_old=G_o, g_old_ref=G_o, steps=refresh_steps, seeds=refresh_seeds,
                           orderings=("random", "discrepancy") + (("uncertainty",) if unc is not None else ()), uncertainty=unc)
         out["refresh"] = {"curves": res.curves.to_dict(orient="list"), "summary": res.summary.to_dict(orient="records")}
     return out
@@ -173,10 +194,15 @@ def evaluate_pair(old_run, new_run, cfg, cache: _FeatureCache | None = None, ref
 # %% ../nbs/08_study.ipynb #3fc259ad
 def result_path(study_dir, job: Job) -> Path: return Path(study_dir)/"runs"/f"{job.id}.json"
 
+_RUN_LOCKS, _RUN_LOCKS_GUARD = {}, threading.Lock()
+
 def _train(job: Job, old_dir, run_root) -> Path:
-    "Train one job as a single-process torchrun job (returns at once if its run folder is already done)"
+    """Train one job as a single-process torchrun job (returns at once if its run folder is already done).
+    Jobs with the same training config (e.g. `independent` and `fct`) share one run: the second waits for the first."""
     from bctnb.launch import torchrun
-    return torchrun("bctnb.train", job.config(old_dir), nproc=1, run_root=run_root, echo=False)
+    cfg = job.config(old_dir)
+    with _RUN_LOCKS_GUARD: lock = _RUN_LOCKS.setdefault(cfg.hash(), threading.Lock())
+    with lock: return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False)
 
 def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, workers: int = 2, on_result: Callable | None = None) -> pd.DataFrame:
     "Train and evaluate every job not yet done; returns the table of all results present for this study"
@@ -196,7 +222,7 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         d = _train(j, old_dirs[j.old.id], run_root)
         wall = time.time() - t
         cfg = j.config(old_dirs[j.old.id])
-        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, cache, refresh=j.refresh)
+        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, cache, refresh=j.refresh, fct_epochs=j.fct_epochs)
         res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
                "old_run": Path(old_dirs[j.old.id]).name, "old_label": j.old.label, "config": cfg.to_dict(),
                "train_wall_s": wall, "old_train_wall_s": Run(old_dirs[j.old.id]).status.get("wall_s"),
@@ -441,9 +467,10 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
 
 # %% ../nbs/08_study.ipynb #95fb03ca
 def default_methods() -> list[str]:
-    "Every registered compatible-training method that trains a new backbone (fct is a separate stage)"
+    """The methods the papers compare, each training a new backbone: every registered method except `fct` (a separate
+    stage after an independent model) and `contra` (RACT's ablation without new-to-new negatives; ask for it by name)"""
     from bctnb.losses import available_methods
-    return [m for m in available_methods() if m != "fct"]
+    return [m for m in available_methods() if m not in ("fct", "contra")]
 
 def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str = "", workers: int = 2,
               out_dir=None, run_root=None) -> Path:

@@ -1,0 +1,492 @@
+"""bctnb.evaluate: every vectorised metric against a straightforward per-query loop written here from protocols.md §2,
+on random data (tie-free and tie-heavy), plus the error paths a user hits."""
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_curve
+
+from bctnb.core import ConfigError
+from bctnb import evaluate as ev
+
+
+# ---------------------------------------------------------------- reference loops (the definitions, one query at a time)
+def _norm(x):
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _order(s, cand):
+    "candidates sorted by descending score, ties by ascending index"
+    return sorted(cand, key=lambda j: (-float(s[j]), j))
+
+
+def ref_retrieval(S, qy, gy, self_exclude, ks):
+    aps, hits, excl = [], {k: [] for k in ks}, 0
+    for i in range(S.shape[0]):
+        cand = [j for j in range(S.shape[1]) if not (self_exclude and j == i)]
+        order = _order(S[i], cand)
+        rel = [gy[j] == qy[i] for j in order]
+        if not any(rel):
+            excl += 1
+            continue
+        n_hit, ap = 0, 0.0
+        for r, is_rel in enumerate(rel, 1):
+            if is_rel:
+                n_hit += 1
+                ap += n_hit / r
+        aps.append(ap / sum(rel))
+        first = rel.index(True)
+        for k in ks:
+            hits[k].append(first < k)
+    out = {"mAP": float(np.mean(aps)) if aps else float("nan")}
+    out.update({f"R@{k}": float(np.mean(hits[k])) if aps else float("nan") for k in ks})
+    out.update(n_queries=len(aps), n_excluded=excl)
+    return out
+
+
+def ref_revisited_setting(S, gnd, ok_keys, junk_keys, ks):
+    aps, pks = [], []
+    for i, d in enumerate(gnd):
+        ok = [x for k in ok_keys for x in d.get(k, [])]
+        junk = set(x for k in junk_keys for x in d.get(k, []))
+        if len(ok) == 0:
+            continue
+        order = _order(S[i], range(S.shape[1]))
+        okset, pos, nj = set(ok), [], 0
+        for r, item in enumerate(order):
+            if item in okset:
+                pos.append(r - nj)          # junk strictly before this position
+            if item in junk:
+                nj += 1
+        ap = 0.0
+        for j, r in enumerate(pos):
+            p0 = 1.0 if r == 0 else j / r
+            p1 = (j + 1) / (r + 1)
+            ap += (p0 + p1) / 2 / len(ok)
+        aps.append(ap)
+        rho = [r + 1 for r in pos]
+        row = []
+        for k in ks:
+            kq = min(max(rho), k)
+            row.append(sum(x <= kq for x in rho) / kq)
+        pks.append(row)
+    return aps, pks
+
+
+def ref_gldv2(S, relevant, k):
+    aps = []
+    for i, rel in enumerate(relevant):
+        rel = set(rel)
+        if not rel:
+            continue
+        top = _order(S[i], range(S.shape[1]))[:k]
+        hit, s = 0, 0.0
+        for r, item in enumerate(top, 1):
+            if item in rel:
+                hit += 1
+                s += hit / r
+        aps.append(s / min(len(rel), k))
+    return float(np.mean(aps)) if aps else float("nan"), len(aps)
+
+
+# ---------------------------------------------------------------- data
+def _clustered(rng, n, d, n_cls, noise=1.0):
+    y = rng.integers(0, n_cls, n)
+    centers = rng.normal(size=(n_cls, d))
+    return (centers[y] + noise * rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def _tied(rng, n, d, n_cls):
+    "integer features from a tiny alphabet: many exactly equal scores"
+    y = rng.integers(0, n_cls, n)
+    return rng.integers(-1, 2, size=(n, d)).astype(np.float32), y
+
+
+# ---------------------------------------------------------------- §2.2 retrieval
+@pytest.mark.parametrize("maker", [_clustered, _tied])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_matches_loop_same_and_cross_model(maker, seed):
+    rng = np.random.default_rng(seed)
+    Xo, y = maker(rng, 120, 6, 15)
+    Xn = Xo + rng.normal(size=Xo.shape).astype(np.float32) * (0.5 if maker is _clustered else 0)
+    for Q, G in [(Xo, Xo), (Xn, Xo)]:
+        S = _norm(Q) @ _norm(G).T
+        got = ev.retrieval_metrics(Q, G, y)
+        ref = ref_retrieval(S, y, y, True, (1, 5, 10))
+        assert got["n_queries"] == ref["n_queries"] and got["n_excluded"] == ref["n_excluded"]
+        for k in ("mAP", "R@1", "R@5", "R@10"):
+            assert got[k] == pytest.approx(ref[k], abs=1e-12), k
+
+
+def test_retrieval_ap_equals_sklearn_on_tie_free_data():
+    rng = np.random.default_rng(3)
+    X, y = _clustered(rng, 80, 8, 6)
+    m = ev.retrieval_metrics(X, X, y, per_query=True)
+    S = _norm(X) @ _norm(X).T
+    for i in range(len(X)):
+        mask = np.arange(len(X)) != i
+        rel = y[mask] == y[i]
+        if rel.any():
+            assert m["ap"][i] == pytest.approx(average_precision_score(rel, S[i, mask]), abs=1e-9)
+        else:
+            assert np.isnan(m["ap"][i])
+
+
+def test_retrieval_split_gallery_and_blocks(monkeypatch):
+    rng = np.random.default_rng(4)
+    Q, qy = _clustered(rng, 50, 5, 7)
+    G, gy = _clustered(rng, 70, 5, 7)
+    ref = ref_retrieval(_norm(Q) @ _norm(G).T, qy, gy, False, (1, 5, 10))
+    monkeypatch.setattr(ev, "_BLOCK", 150)          # force many small blocks (2 rows each)
+    got = ev.retrieval_metrics(Q, G, qy, gallery_labels=gy)
+    for k in ("mAP", "R@1", "R@5", "R@10", "n_queries"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-12)
+
+
+def test_retrieval_excludes_queries_without_positives_and_nan_when_all_excluded():
+    X = np.eye(4, dtype=np.float32)
+    m = ev.retrieval_metrics(X, X, [0, 0, 1, 2])
+    assert (m["n_queries"], m["n_excluded"]) == (2, 2)
+    m = ev.retrieval_metrics(X, X, [0, 1, 2, 3])
+    assert math.isnan(m["mAP"]) and math.isnan(m["R@1"]) and m["n_excluded"] == 4
+
+
+def test_retrieval_bad_inputs():
+    X = np.ones((3, 4), np.float32)
+    with pytest.raises(ConfigError, match="Declare a transformation"):
+        ev.retrieval_metrics(X, np.ones((3, 8)), [0, 0, 1])
+    bad = X.copy(); bad[1, 2] = np.nan
+    with pytest.raises(ConfigError, match="NaN/inf in 1 of 3 rows.*row 1"):
+        ev.retrieval_metrics(bad, X, [0, 0, 1])
+    with pytest.raises(ConfigError, match="gallery is empty"):
+        ev.retrieval_metrics(X, np.zeros((0, 4)), [0, 0, 1], gallery_labels=[])
+    # a declared transformation makes different dims comparable
+    m = ev.retrieval_metrics(X, np.ones((3, 8)), [0, 0, 1], gallery_transform=lambda g: g[:, :4])
+    assert m["n_queries"] == 2
+
+
+# ---------------------------------------------------------------- knn
+@pytest.mark.parametrize("maker", [_clustered, _tied])
+def test_knn_matches_stable_ranking(maker):
+    rng = np.random.default_rng(5)
+    X, _ = maker(rng, 60, 5, 4)
+    S = _norm(X) @ _norm(X).T
+    D, I = ev.knn(X, X, 7)
+    Ds, Is = ev.knn(X, X, 7, exclude_self=True)
+    for i in range(len(X)):
+        assert I[i].tolist() == _order(S[i], range(len(X)))[:7]
+        assert Is[i].tolist() == _order(S[i], [j for j in range(len(X)) if j != i])[:7]
+    assert np.allclose(D, np.take_along_axis(S, I, 1), atol=1e-6)
+
+
+# ---------------------------------------------------------------- §2.3 revisited
+def _random_gnd(rng, nq, ndb):
+    gnd = []
+    for i in range(nq):
+        perm = rng.permutation(ndb)
+        ne, nh, nj = rng.integers(0, 5, 3)
+        if i % 7 == 0:
+            ne = nh = 0                              # no positives at all
+        gnd.append({"easy": perm[:ne].tolist(), "hard": perm[ne:ne + nh].tolist(), "junk": perm[ne + nh:ne + nh + nj].tolist()})
+    return gnd
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_revisited_matches_loop(tied):
+    rng = np.random.default_rng(6)
+    nq, ndb = 25, 40
+    sim = (rng.integers(0, 4, (nq, ndb)) / 4 if tied else rng.random((nq, ndb))).astype(np.float32)
+    gnd = _random_gnd(rng, nq, ndb)
+    got = ev.revisited_map(sim, gnd)
+    for name, (okk, jk) in ev._SETTINGS.items():
+        aps, pks = ref_revisited_setting(sim, gnd, okk, jk, (1, 5, 10))
+        assert got[name]["n_queries"] == len(aps) and got[name]["n_excluded"] == nq - len(aps)
+        assert got[name]["mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
+        for t, k in enumerate((1, 5, 10)):
+            assert got[name][f"mP@{k}"] == pytest.approx(np.mean([p[t] for p in pks]), abs=1e-12)
+
+
+def test_revisited_k_capping_quirk_and_junk_before_positives():
+    sim = np.array([[5, 4, 3, 2, 1, 0]], np.float32)
+    # two positives at ranks 1 and 2 → P@10 = 2/2 = 1 (not 0.2)
+    r = ev.revisited_map(sim, [{"easy": [0, 1], "hard": [], "junk": []}])
+    assert r["medium"]["mP@10"] == 1.0 and r["medium"]["mP@5"] == 1.0
+    # junk at ranks 1 and 2, positive at rank 3 → corrected rank 0 → AP 1
+    r = ev.revisited_map(sim, [{"easy": [2], "hard": [], "junk": [0, 1]}])
+    assert r["medium"]["mAP"] == 1.0 and r["medium"]["mP@1"] == 1.0
+
+
+def test_revisited_bad_gnd():
+    sim = np.zeros((1, 3), np.float32)
+    with pytest.raises(ConfigError, match="outside the database"):
+        ev.revisited_map(sim, [{"easy": [5], "hard": [], "junk": []}])
+    with pytest.raises(ConfigError, match="outside the database"):
+        ev.revisited_map(sim, [{"easy": [0], "hard": [], "junk": [-1]}])
+    with pytest.raises(ConfigError, match="database is empty"):
+        ev.revisited_map(np.zeros((1, 0)), [{"easy": []}])
+    with pytest.raises(ConfigError, match="NaN"):
+        ev.revisited_map(np.array([[np.nan, 0, 0]]), [{"easy": [0]}])
+
+
+# ---------------------------------------------------------------- §2.4 GLDv2
+@pytest.mark.parametrize("tied", [False, True])
+def test_gldv2_matches_loop_both_paths(tied):
+    rng = np.random.default_rng(7)
+    nq, ndb, k = 30, 300, 100
+    sim = (rng.integers(0, 5, (nq, ndb)) / 5 if tied else rng.random((nq, ndb))).astype(np.float32)
+    relevant = [rng.choice(ndb, rng.integers(0, 150), replace=False).tolist() for _ in range(nq)]
+    ref, nv = ref_gldv2(sim, relevant, k)
+    got = ev.gldv2_map_at_k(sim, relevant, k)
+    assert got["mAP@100"] == pytest.approx(ref, abs=1e-12) and got["n_queries"] == nv
+    ranked = np.array([_order(sim[i], range(ndb))[:k] for i in range(nq)])
+    assert ev.gldv2_map_at_k(None, relevant, k, ranked=ranked)["mAP@100"] == pytest.approx(ref, abs=1e-12)
+
+
+# ---------------------------------------------------------------- §2.5 TAR@FAR
+def ref_tar_at_far(scores, labels, fars):
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr = fpr[::-1], tpr[::-1]
+    out = {}
+    for f in fars:
+        best, bi = None, None
+        for i, x in enumerate(fpr):
+            if best is None or abs(x - f) < best:
+                best, bi = abs(x - f), i
+        out[f] = float(tpr[bi])
+    return out
+
+
+def test_tar_at_far_matches_loop_and_below_smallest_far():
+    rng = np.random.default_rng(8)
+    n = 20000
+    labels = (rng.random(n) < 0.05).astype(int)
+    scores = rng.normal(size=n) + 2.5 * labels
+    fars = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    assert ev.tar_at_far(scores, labels, fars) == ref_tar_at_far(scores, labels, fars)
+    # 1e-6 is below 1/#impostors: it reads the FPR = 0 point nearest to it
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert ev.tar_at_far(scores, labels, [1e-6])[1e-6] == tpr[fpr == 0].max()
+
+
+# ---------------------------------------------------------------- §2.5 templates
+def test_ijbc_templates_media_mean_then_sum():
+    rng = np.random.default_rng(9)
+    f = rng.normal(size=(12, 4)).astype(np.float32)
+    t = np.array([1, 1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3])
+    m = np.array([1, 1, 2, 3, 4, 4, 5, 6, 6, 6, 7, 7])
+    tids, tf = ev.ijbc_templates(f, t, m)
+    for ti, tid in enumerate(tids):
+        acc = np.zeros(4)
+        for med in np.unique(m[t == tid]):
+            acc += f[(t == tid) & (m == med)].mean(0)
+        assert np.allclose(tf[ti], acc / np.linalg.norm(acc), atol=1e-6)
+    tf_old = tf[::-1].copy()
+    s = ev.ijbc_pair_scores(tids, tf_old, tf, [1, 2], [3, 3])      # cross: old on t1, new on t2
+    assert np.allclose(s, [tf_old[0] @ tf[2], tf_old[1] @ tf[2]], atol=1e-6)
+
+
+# ---------------------------------------------------------------- §2.6 1:N
+def ref_identification(P, ps, G, gs, ks, fpirs):
+    S = _norm(P) @ _norm(G).T
+    mated = [i for i in range(len(P)) if ps[i] in set(gs)]
+    nonm = [i for i in range(len(P)) if ps[i] not in set(gs)]
+    out = {}
+    for k in ks:
+        h = 0
+        for i in mated:
+            order = _order(S[i], range(len(G)))
+            first = next(r for r, j in enumerate(order) if gs[j] == ps[i])
+            h += first < k
+        out[f"rank-{k}"] = h / len(mated)
+    L = sorted((S[i].max() for i in nonm), reverse=True)
+    for f in fpirs:
+        th = L[max(int(math.floor(f * len(nonm))) - 1, 0)]
+        h = 0
+        for i in mated:
+            sp = max(S[i, j] for j in range(len(G)) if gs[j] == ps[i])
+            sm = max(S[i, j] for j in range(len(G)) if gs[j] != ps[i])
+            h += (sp > sm) and (sp > th)
+        out[f"TPIR@FPIR={f:g}"] = h / len(mated)
+    return out
+
+
+def test_identification_matches_loop():
+    rng = np.random.default_rng(10)
+    G, gs = _clustered(rng, 40, 8, 40)
+    gs = np.arange(40)
+    P = G[rng.integers(0, 40, 150)] + rng.normal(size=(150, 8)).astype(np.float32)
+    ps = np.where(rng.random(150) < 0.3, 1000 + np.arange(150), np.arange(150) % 40)
+    got = ev.identification_metrics(P, ps, G, gs, ks=(1, 5, 10), fpirs=(1e-2, 1e-1, 0.5))
+    ref = ref_identification(P, ps, G, gs, (1, 5, 10), (1e-2, 1e-1, 0.5))
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, abs=1e-12), k
+
+
+# ---------------------------------------------------------------- §2.7 re-ID
+def test_reid_matches_loop():
+    rng = np.random.default_rng(11)
+    Q, qp = _clustered(rng, 40, 6, 8)
+    G, gp = _clustered(rng, 200, 6, 8)
+    qp, gp = qp + 1, gp + 1
+    gp[rng.random(200) < 0.1] = 0                                  # distractors
+    gp[rng.random(200) < 0.05] = -1                                 # junk
+    qc, gc = rng.integers(1, 4, 40), rng.integers(1, 4, 200)
+    got = ev.reid_metrics(Q, qp, qc, G, gp, gc)
+    keep = gp != -1
+    Gk, gpk, gck = G[keep], gp[keep], gc[keep]
+    S = _norm(Q) @ _norm(Gk).T
+    aps, firsts = [], []
+    for i in range(len(Q)):
+        cand = [j for j in range(len(Gk)) if not (gpk[j] == qp[i] and gck[j] == qc[i])]
+        order = _order(S[i], cand)
+        rel = [gpk[j] == qp[i] and gpk[j] != 0 for j in order]
+        if not any(rel):
+            continue
+        h, ap = 0, 0.0
+        for r, x in enumerate(rel, 1):
+            if x:
+                h += 1; ap += h / r
+        aps.append(ap / sum(rel)); firsts.append(rel.index(True))
+    assert got["mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
+    for k in (1, 5, 10):
+        assert got[f"rank-{k}"] == pytest.approx(np.mean(np.array(firsts) < k), abs=1e-12)
+    assert got["n_queries"] == len(aps)
+
+
+# ---------------------------------------------------------------- §2.9 hot refresh
+def test_hot_refresh_endpoints_grid_and_flip_rates():
+    rng = np.random.default_rng(12)
+    Xo, y = _clustered(rng, 90, 8, 12)
+    Xn = Xo + 0.8 * rng.normal(size=Xo.shape).astype(np.float32)
+    sc = ev.loo_scorer(y)
+    u = rng.random(90)
+    res = ev.hot_refresh(Xn, Xo, Xn, sc, q_old=Xo, orderings=("random", "discrepancy", "uncertainty", "sigma"),
+                         steps=10, seeds=(0, 1, 2), uncertainty=u, sigma=-u)
+    c = res.curves
+    cross = ev.retrieval_metrics(Xn, Xo, y)
+    self_ = ev.retrieval_metrics(Xn, Xn, y)
+    assert np.allclose(c.loc[c.step == 0, "mAP"], cross["mAP"]) and np.allclose(c.loc[c.step == 10, "mAP"], self_["mAP"])
+    assert c.loc[(c.ordering == "sigma"), "n_refreshed"].tolist() == [i * 90 // 10 for i in range(11)]
+    assert len(res.summary) == 3 + 3
+    # flip rates at β = 0.3 for the discrepancy ordering, recomputed by hand
+    d = 1 - (_norm(Xn) * _norm(Xo)).sum(1)
+    perm = sorted(range(90), key=lambda j: (-d[j], j))
+    refreshed = np.zeros(90, bool); refreshed[perm[:27]] = True
+    Gb = np.where(refreshed[:, None], Xn, Xo)
+    mb = ev.retrieval_metrics(Xn, Gb, y, per_query=True)
+    moo = ev.retrieval_metrics(Xo, Xo, y, per_query=True)
+    valid = moo["first_rank"] >= 0
+    cb, coo = mb["first_rank"][valid] == 0, moo["first_rank"][valid] == 0
+    row = c[(c.ordering == "discrepancy") & (c.step == 3)].iloc[0]
+    assert row.mAP == pytest.approx(mb["mAP"]) and row.n_refreshed == 27
+    assert row.nfr == pytest.approx((coo & ~cb).sum() / valid.sum())
+    assert row.pfr == pytest.approx((~coo & cb).sum() / valid.sum())
+    # summaries follow their definitions
+    M = c[c.ordering == "discrepancy"].mAP.to_numpy()
+    s = res.summary[res.summary.ordering == "discrepancy"].iloc[0]
+    assert s.auc == pytest.approx(np.trapezoid(M, np.linspace(0, 1, 11)))
+    assert s.auc_mean == pytest.approx(M.mean())
+    assert s.regression_depth == pytest.approx(max(0, res.old_old["mAP"] - M.min()))
+    assert s.dips == int((np.diff(M) < 0).sum())
+
+
+def test_hot_refresh_bad_inputs():
+    X = np.ones((4, 3), np.float32)
+    sc = ev.loo_scorer([0, 0, 1, 1])
+    with pytest.raises(ConfigError, match="differ in dimension"):
+        ev.hot_refresh(X, X, np.ones((4, 5)), sc)
+    with pytest.raises(ConfigError, match="ordering='bogus'"):
+        ev.hot_refresh(X, X, X, sc, orderings=("bogus",))
+
+
+# ---------------------------------------------------------------- §2.10 compatibility matrix
+def test_compatibility_matrix_from_scorer_and_tie_rule():
+    rng = np.random.default_rng(13)
+    X1, y = _clustered(rng, 60, 6, 6)
+    feats = [X1, X1 + 0.3 * rng.normal(size=X1.shape).astype(np.float32), X1 + 0.6 * rng.normal(size=X1.shape).astype(np.float32)]
+    C = ev.compatibility_matrix(feats, ev.loo_scorer(y))
+    assert np.isnan(C[0, 1]) and np.isnan(C[0, 2]) and np.isnan(C[1, 2])
+    assert C[2, 0] == pytest.approx(ev.retrieval_metrics(feats[2], feats[0], y)["mAP"])
+    s = ev.compatibility_summary(C)
+    i, j = np.tril_indices(3, -1)
+    assert s["AC"] == pytest.approx(np.mean(C[i, j] > np.diag(C)[j]))
+    tie = np.array([[.5, np.nan], [.5, .6]])
+    assert ev.compatibility_summary(tie)["AC"] == 0.0 and ev.compatibility_summary(tie, ties="pass")["AC"] == 1.0
+    with pytest.raises(ConfigError, match="must be measured"):
+        ev.compatibility_summary(np.array([[.5, np.nan], [np.nan, .6]]))
+
+
+# ---------------------------------------------------------------- features_for + the papermill pipeline
+def _fake_runs(root, methods=("independent", "l2"), dim=16):
+    "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
+    import torch
+    from bctnb.core import Run
+    from bctnb.models import create_backbone, create_head, save_model
+    from bctnb.train import TrainConfig
+    torch.manual_seed(0)
+    base = dict(dataset="synthetic", backbone="cpu_resnet", dim=dim, split_seed=0, test_ratio=0.2)
+    cfg = TrainConfig.make("smoke", role="old", **base).to_dict()
+    old = Run.create("train_old", cfg, root=root)
+    save_model(old.path / "model", create_backbone("cpu_resnet", dim=dim), create_head("softmax", dim, 11), label_map=np.arange(11))
+    old.finish()
+    news = []
+    for m in methods:
+        r = Run.create("train_new", {**TrainConfig.make("smoke", role="new", **base).to_dict(), "method": m, "old_run": str(old.path)}, root=root)
+        save_model(r.path / "model", create_backbone("cpu_resnet", dim=dim))
+        r.finish()
+        news.append(r)
+    return old, news
+
+
+def test_features_for_run_folder_cache_hit_and_key(tmp_path):
+    import torch
+    from bctnb.data import load_dataset
+    old, (new, _) = _fake_runs(tmp_path / "runs")
+    ds = load_dataset("synthetic").subset(np.arange(10))
+    f1, p1 = ev.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    f2, p2 = ev.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    assert p1 == p2 and np.array_equal(f1, f2) and f1.shape == (10, 16)
+    f3, p3 = ev.features_for(new.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    assert p3 != p1 and not np.allclose(f1, f3)
+    _, p4 = ev.features_for(old.path, ds, flip="sum", cache_dir=tmp_path / "cache", return_path=True)
+    _, p5 = ev.features_for(old.path, load_dataset("synthetic").subset(np.arange(1, 11)), cache_dir=tmp_path / "cache", return_path=True)
+    assert len({p1, p4, p5}) == 3
+    with pytest.raises(ConfigError, match="cannot use"):
+        ev.features_for(42, ds, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_papermill(tmp_path):
+    import json
+    from pathlib import Path
+    import papermill as pm
+    root = Path(__file__).resolve().parents[1]
+    old, news = _fake_runs(tmp_path / "runs", methods=("independent", "l2", "nccl"))
+    out = tmp_path / "eval"
+    pm.execute_notebook(str(root / "nbs" / "evaluate.ipynb"), str(tmp_path / "evaluate_out.ipynb"), kernel_name="python3",
+                        cwd=str(root / "nbs"), progress_bar=False, execution_timeout=600,
+                        parameters=dict(old_run=str(old.path), new_runs=json.dumps([str(r.path) for r in news]),
+                                        refresh_steps=4, refresh_seeds=[0, 1], out_dir=str(out), cache_dir=str(tmp_path / "cache")))
+    (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
+    res = json.loads((ed / "evaluation.json").read_text())
+    assert res["n_test_classes"] == 4 and res["n_test"] == 20
+    assert set(res["new"]) == {"independent", "l2", "nccl"} and res["independent"] == "independent"
+    # the notebook's numbers are the library's numbers on the same features
+    from bctnb.data import load_dataset, make_split
+    ds = load_dataset("synthetic")
+    sp = make_split(ds.labels, "open-class", old_ratio=0.3, seed=0, test_ratio=0.2, keys=ds.keys)
+    test = ds.subset(sp.test); y = ds.labels[sp.test]
+    Fo = ev.features_for(old.path, test, cache_dir=tmp_path / "cache")
+    Fl2 = ev.features_for(news[1].path, test, cache_dir=tmp_path / "cache")
+    assert res["old/old"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fo, Fo, y)["mAP"])
+    assert res["new"]["l2"]["cross"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fl2, Fo, y)["mAP"])
+    assert res["new"]["l2"]["upgrade"]["criterion"] == (res["new"]["l2"]["cross"]["mAP"] > res["old/old"]["mAP"])
+    assert len(res["compat"]["C"]) == 4 and res["compat"]["ties"] == "fail"
+    assert {s["ordering"] for s in res["refresh"]["l2"]["summary"]} == {"random", "discrepancy", "uncertainty"}
+    for f in ("table.csv", "refresh_curves.csv", "refresh_summary.csv", "compat_matrix.csv", "refresh.png", "compat_matrix.png"):
+        assert (ed / f).exists(), f
+    status = json.loads((ed / "status.json").read_text())
+    assert status["status"] == "done"
+    arts = json.loads((ed / "artefacts.json").read_text())
+    assert "evaluation.json" in arts and "refresh.png" in arts
