@@ -119,7 +119,9 @@ class Registry:
             return obj
         return deco
 
-    def names(self) -> list[str]: return sorted(self._items)
+    def names(self, private: bool = False) -> list[str]:
+        "Sorted public names (and `_`-prefixed private ones if `private`)"
+        return sorted(k for k in self._items if private or not k.startswith("_"))
     def __contains__(self, name): return name in self._items
     def __iter__(self): return iter(self.names())
     def __len__(self): return len(self._items)
