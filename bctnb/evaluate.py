@@ -13,12 +13,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 # %% auto #0
 __all__ = ['IJBC_FARS', 'FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_relevant',
-           'retrieval_metrics', 'knn', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k', 'ijbc_image_features',
-           'ijbc_templates', 'ijbc_pair_scores', 'identification_metrics', 'ijbc_identification', 'reid_metrics',
-           'upgrade_metrics', 'advbct_scores', 'seed_summary', 'compatibility_matrix', 'compatibility_summary',
-           'loo_scorer', 'split_scorer', 'revisited_scorer', 'gldv2_scorer', 'old_uncertainty', 'refresh_order',
-           'RefreshResult', 'hot_refresh', 'plot_refresh', 'plot_flip_rates', 'plot_compat_matrix', 'module_hash',
-           'dataset_fingerprint', 'features_cache_dir', 'features_for']
+           'retrieval_metrics', 'knn', 'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k',
+           'ijbc_image_features', 'ijbc_templates', 'ijbc_pair_scores', 'ijbc_verification', 'identification_metrics',
+           'ijbc_identification', 'reid_metrics', 'upgrade_metrics', 'advbct_scores', 'seed_summary',
+           'compatibility_matrix', 'compatibility_summary', 'loo_scorer', 'split_scorer', 'revisited_scorer',
+           'gldv2_scorer', 'old_uncertainty', 'refresh_order', 'RefreshResult', 'hot_refresh', 'plot_refresh',
+           'plot_flip_rates', 'plot_compat_matrix', 'module_hash', 'dataset_fingerprint', 'features_cache_dir',
+           'features_for']
 
 # %% ../nbs/07_evaluate.ipynb #f28c1a05
 import numpy as np
@@ -205,15 +206,35 @@ def knn(query_feats, gallery_feats, k: int, exclude_self: bool = False, gallery_
 # %% ../nbs/07_evaluate.ipynb #24dbbbfb
 IJBC_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
+def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    "(fpr, tpr) identical to `sklearn.metrics.roc_curve(labels, scores)` with default arguments"
+    s = np.asarray(scores).ravel(); y = np.asarray(labels).ravel()
+    if s.dtype != np.float32:
+        fpr, tpr, _ = roc_curve(y, s)
+        return fpr, tpr
+    u = _mono(s); u ^= np.int32(-1); u ^= np.int32(-2**31)      # ascending key = descending score
+    k = u.view(np.uint32).astype(np.int64); k <<= 1; k |= (y == 1)
+    k.sort()
+    pos = k & 1; k >>= 1
+    last = np.append(np.flatnonzero(np.diff(k)), len(k) - 1)     # last item of each distinct score
+    tps = np.cumsum(pos)[last].astype(np.float64); fps = last + 1 - tps
+    if len(fps) > 2:
+        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        fps, tps = fps[keep], tps[keep]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
 def tar_at_far(scores, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
     "TAR at the ROC point whose FAR is nearest each target (insightface convention); returns {far: tar}"
-    s = np.asarray(scores, dtype=np.float64).ravel(); y = np.asarray(labels).ravel()
+    s = np.asarray(scores).ravel(); y = np.asarray(labels).ravel()
+    if not np.issubdtype(s.dtype, np.floating): s = s.astype(np.float64)
     check(len(s) == len(y), f"scores ({len(s)}) and labels ({len(y)}) must have the same length: one label per pair")
     check(len(s) > 0, "no pairs: scores is empty")
     if not np.isfinite(s).all(): raise ConfigError(f"{int((~np.isfinite(s)).sum())} pair scores are NaN/inf; check the features (as_features) that produced them")
-    u = np.unique(y)
-    check(set(u.tolist()) <= {0, 1} and len(u) == 2, f"labels must contain both 1 (genuine) and 0 (impostor) pairs, got values {u.tolist()[:5]}")
-    fpr, tpr, _ = roc_curve(y, s)
+    pos = y == 1
+    check(bool((pos | (y == 0)).all()), f"labels must be 1 (genuine) or 0 (impostor), got values {np.unique(y).tolist()[:5]}")
+    check(bool(pos.any()) and not bool(pos.all()), "labels must contain both 1 (genuine) and 0 (impostor) pairs")
+    fpr, tpr = roc_points(s, y)
     fpr, tpr = fpr[::-1], tpr[::-1]
     f = np.asarray(list(fars), dtype=np.float64)
     i = np.argmin(np.abs(fpr[None, :] - f[:, None]), axis=1)
@@ -251,21 +272,20 @@ def _revisited_setting(sim, gnd, ok_keys, junk_keys, ks):
         isj = np.concatenate([np.zeros(len(orow), np.int64), np.ones(len(jrow), np.int64)])
         o = np.argsort(key, kind="stable"); isj = isj[o]
         rows_all = np.concatenate([orow, jrow])[o]
-        cj = np.cumsum(isj) - isj                              # junk entries strictly before, over the block
-        cj -= cj[_group_start(rows_all, b - a)[:-1]][rows_all] if len(rows_all) else 0
+        C = np.r_[0, np.cumsum(isj)]                          # C[e] = junk entries before entry e, over the block
+        cj = C[:-1] - C[_group_start(rows_all, b - a)[rows_all]]   # … counted from the start of e's row
         jb = cj[isj == 0]                                       # in the same order as (orow, orank)
         r = orank - jb
         st = _group_start(orow, b - a)
         j = np.arange(len(orow)) - st[orow]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1))
+        p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1))
         p1 = (j + 1) / (r + 1)
         nres = n_ok[a:b]
         has = np.diff(st) > 0
         apb = np.bincount(orow, weights=(p0 + p1) / 2, minlength=b - a)
         ap[a:b][has] = apb[has] / nres[has]
         rho = r + 1
-        maxrho = np.zeros(b - a, np.int64); np.maximum.at(maxrho, orow, rho) if len(orow) else None
+        maxrho = np.zeros(b - a, np.int64); maxrho[has] = rho[st[1:][has] - 1]   # ranks are sorted within a row
         for t, k in enumerate(ks):
             kq = np.minimum(maxrho, k)
             cnt = np.bincount(orow, weights=(rho <= kq[orow]), minlength=b - a)
@@ -315,10 +335,11 @@ def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool 
     if ranked is not None:
         top = ranked[:, :k]
         rel = np.isin(np.arange(nq)[:, None] * base + top, pair)
+        hit1 = rel[:, 0].copy()
         prec = np.cumsum(rel, 1) / np.arange(1, top.shape[1] + 1)
         s = (prec * rel).sum(1)
     else:
-        s = np.zeros(nq)
+        s = np.zeros(nq); hit1 = np.zeros(nq, bool)
         for a, b in _row_blocks(nq, n_db):
             relm = np.zeros((b - a, n_db), bool)
             sel = (pair // base >= a) & (pair // base < b)
@@ -327,10 +348,11 @@ def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool 
             st = _group_start(rows, b - a); pos = np.arange(len(rows)) - st[rows]
             w = np.where(ranks < k, (pos + 1) / (ranks + 1), 0.0)
             s[a:b] = np.bincount(rows, weights=w, minlength=b - a)
+            hit1[a:b][rows[ranks == 0]] = True
     v = m > 0
     ap[v] = s[v] / np.minimum(m[v], k)
     out = {f"mAP@{k}": float(ap[v].mean()) if v.any() else float("nan"), "n_queries": int(v.sum()), "n_excluded": int(nq - v.sum())}
-    if per_query: out["ap"] = ap
+    if per_query: out.update(ap=ap, hit1=hit1)
     return out
 
 # %% ../nbs/07_evaluate.ipynb #3bd6340d
@@ -373,6 +395,15 @@ def ijbc_pair_scores(template_ids, t1_feats, t2_feats, p1, p2, chunk: int = 1 <<
     out = np.empty(len(p1), np.float32)
     for s in range(0, len(p1), chunk):
         out[s:s + chunk] = np.einsum("ij,ij->i", a[i1[s:s + chunk]], b[i2[s:s + chunk]])
+    return out
+
+def ijbc_verification(template_ids, old_feats, new_feats, p1, p2, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
+    """IJB-C 1:1 TAR@FAR for every role (protocols §0): old/old, self (new/new), cross (t1 old, t2 new — MX orientation)
+    and cross_swapped (t1 new, t2 old). `old_feats`/`new_feats` are template features from `ijbc_templates`."""
+    out = {}
+    for role, a, b in (("old/old", old_feats, old_feats), ("self", new_feats, new_feats),
+                       ("cross", old_feats, new_feats), ("cross_swapped", new_feats, old_feats)):
+        out[role] = tar_at_far(ijbc_pair_scores(template_ids, a, b, p1, p2), labels, fars)
     return out
 
 # %% ../nbs/07_evaluate.ipynb #a8ddf512
@@ -533,10 +564,9 @@ def gldv2_scorer(relevant, k: int = 100) -> Callable:
     def score(q, g):
         D, I = knn(q, g, min(k, len(g)))
         r = gldv2_map_at_k(None, relevant, k, ranked=I, per_query=True)
-        v = ~np.isnan(r.pop("ap"))
+        v = ~np.isnan(r.pop("ap")); hit1 = r.pop("hit1")
         r["mAP"] = r[f"mAP@{k}"]
-        top1 = np.array([I[i, 0] in set(np.asarray(relevant[i]).ravel().tolist()) for i in np.flatnonzero(v)], bool)
-        return r, top1
+        return r, hit1[v]
     return score
 
 # %% ../nbs/07_evaluate.ipynb #f9c4abd9

@@ -207,6 +207,18 @@ def test_revisited_matches_loop(tied):
             assert got[name][f"mP@{k}"] == pytest.approx(np.mean([p[t] for p in pks]), abs=1e-12)
 
 
+def test_revisited_queries_without_any_entries_at_block_end(monkeypatch):
+    rng = np.random.default_rng(15)
+    sim = rng.random((9, 30)).astype(np.float32)
+    gnd = _random_gnd(rng, 9, 30)
+    gnd[-1] = {"easy": [], "hard": [], "junk": []}
+    gnd[4] = {"easy": [], "hard": [], "junk": []}
+    monkeypatch.setattr(ev, "_BLOCK", 150)                  # blocks of 5 rows: both empty queries end a block
+    got = ev.revisited_map(sim, gnd)
+    aps, _ = ref_revisited_setting(sim, gnd, ("easy", "hard"), ("junk",), (1,))
+    assert got["medium"]["mAP"] == pytest.approx(np.mean(aps), abs=1e-12) and got["medium"]["n_excluded"] >= 2
+
+
 def test_revisited_k_capping_quirk_and_junk_before_positives():
     sim = np.array([[5, 4, 3, 2, 1, 0]], np.float32)
     # two positives at ranks 1 and 2 → P@10 = 2/2 = 1 (not 0.2)
@@ -267,6 +279,22 @@ def test_tar_at_far_matches_loop_and_below_smallest_far():
     # 1e-6 is below 1/#impostors: it reads the FPR = 0 point nearest to it
     fpr, tpr, _ = roc_curve(labels, scores)
     assert ev.tar_at_far(scores, labels, [1e-6])[1e-6] == tpr[fpr == 0].max()
+
+
+@pytest.mark.parametrize("quant", [0, 4, 50])
+def test_roc_points_equal_sklearn_fp32(quant):
+    rng = np.random.default_rng(20 + quant)
+    n = 30000
+    y = (rng.random(n) < 0.1).astype(np.int8)
+    s = rng.normal(size=n) + y
+    if quant: s = np.round(s * quant) / quant
+    s = s.astype(np.float32)
+    s[:5] = -0.0; s[5:10] = 0.0                                   # -0.0 and 0.0 are one threshold
+    fpr, tpr = ev.roc_points(s, y)
+    F, T, _ = roc_curve(y, s)
+    assert np.array_equal(fpr, F) and np.array_equal(tpr, T)
+    fars = (1e-4, 1e-3, 1e-2, 1e-1)
+    assert ev.tar_at_far(s, y, fars) == ref_tar_at_far(s, y, fars)
 
 
 # ---------------------------------------------------------------- §2.5 templates
@@ -389,6 +417,38 @@ def test_hot_refresh_endpoints_grid_and_flip_rates():
     assert s.auc_mean == pytest.approx(M.mean())
     assert s.regression_depth == pytest.approx(max(0, res.old_old["mAP"] - M.min()))
     assert s.dips == int((np.diff(M) < 0).sum())
+
+
+def test_hot_refresh_other_protocol_scorers():
+    "revisited / GLDv2 / split-gallery scorers: β=0 is cross, β=1 is self, top-1 flags follow each protocol"
+    rng = np.random.default_rng(14)
+    nq, ng, d = 12, 60, 8
+    Qn = rng.normal(size=(nq, d)).astype(np.float32)
+    Go = rng.normal(size=(ng, d)).astype(np.float32)
+    Gn = Go + rng.normal(size=(ng, d)).astype(np.float32)
+    gnd = _random_gnd(rng, nq, ng)
+    relevant = [rng.choice(ng, rng.integers(0, 6), replace=False).tolist() for _ in range(nq)]
+    for scorer, ref in [(ev.revisited_scorer(gnd), lambda q, g: ev.revisited_map(_norm(q) @ _norm(g).T, gnd)["medium"]["mAP"]),
+                        (ev.gldv2_scorer(relevant, k=10), lambda q, g: ev.gldv2_map_at_k(_norm(q) @ _norm(g).T, relevant, 10)["mAP@10"]),
+                        (ev.split_scorer(rng.integers(0, 3, nq), rng.integers(0, 3, ng)), None)]:
+        res = ev.hot_refresh(Qn, Go, Gn, scorer, q_old=Qn, orderings=("discrepancy",), steps=5)
+        c = res.curves
+        assert c.mAP.iloc[0] == pytest.approx(scorer(Qn, Go)[0]["mAP"]) and c.mAP.iloc[-1] == pytest.approx(scorer(Qn, Gn)[0]["mAP"])
+        if ref is not None:
+            assert c.mAP.iloc[0] == pytest.approx(ref(Qn, Go))
+    # revisited top-1: the first non-junk item is a Medium positive
+    S = _norm(Qn) @ _norm(Go).T
+    _, top1 = ev.revisited_scorer(gnd)(Qn, Go)
+    want = []
+    for i, dd in enumerate(gnd):
+        ok = set(dd["easy"]) | set(dd["hard"])
+        if not ok: continue
+        first = next(j for j in _order(S[i], range(ng)) if j not in set(dd["junk"]))
+        want.append(first in ok)
+    assert top1.tolist() == want
+    # GLDv2 top-1: the best-scoring index image is relevant
+    _, top1 = ev.gldv2_scorer(relevant, k=10)(Qn, Go)
+    assert top1.tolist() == [_order(S[i], range(ng))[0] in set(r) for i, r in enumerate(relevant) if r]
 
 
 def test_hot_refresh_bad_inputs():
