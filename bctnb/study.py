@@ -339,6 +339,14 @@ def verdicts(df: pd.DataFrame) -> list[str]:
                 if somep: s += f"; in some seeds only: {', '.join(somep)}"
                 if nonep: s += f"; **failing**: {', '.join(nonep)}"
                 out.append(s + ".")
+        cols = [f"{side}:{m}" for side in ("self", "cross") for m in METRICS]
+        sig = {meth: tuple(map(tuple, gm.sort_values("seed")[["seed"] + cols].values.tolist())) for meth, gm in g.groupby("method")}
+        seen = {}
+        for meth, sg in sig.items(): seen.setdefault(sg, []).append(meth)
+        for same in (v for v in seen.values() if len(v) > 1):
+            out.append(f"{pre} {' and '.join(sorted(same))} gave **identical** self- and cross-test numbers in every seed: what "
+                       "distinguishes them never changed a gradient on this data (e.g. weakened L2's slack τ is never reached "
+                       "when every ‖f̂ − ô‖ stays above τ).")
         if len(comp):
             best = comp.groupby("method")["cross:mAP"].mean().sort_values(ascending=False)
             spread = comp.groupby("method")["cross:mAP"].std(ddof=1)
