@@ -126,20 +126,6 @@ def pair_metrics(q: np.ndarray, g: np.ndarray, labels, same_model: bool) -> dict
     return {"mAP": r["mAP"], "R@1": r["R@1"], "R@5": r["R@5"], "R@10": r["R@10"], "TAR": pair_verification(q, g, labels, same_model)}
 
 # %% ../nbs/08_study.ipynb #61f3edc8
-class _FeatureCache:
-    "Test-set features per model folder, computed once per study process (thread-safe)"
-    def __init__(self): self._d, self._lock = {}, threading.Lock()
-
-    def get(self, model_dir, test_images, key=None):
-        from bctnb.models import load_model, extract_features
-        k = (str(model_dir), key)
-        with self._lock:
-            if k in self._d: return self._d[k]
-        backbone, head, info = load_model(model_dir)
-        f = extract_features(backbone, test_images, batch_size=256, flip="none").numpy()
-        with self._lock: self._d[k] = (f, head, info)
-        return self._d[k]
-
 def split_images(cfg, which: str = "test"):
     "(uint8 images, global labels) of one part ('test', 'old', 'new') of a TrainConfig's dataset and split"
     from bctnb.data import load_dataset, make_split
@@ -151,24 +137,26 @@ def split_images(cfg, which: str = "test"):
 def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
     "FCT: fit h(φ_o(x)) ≈ φ_n(x) on the new training set (bctnb.losses.train_fct); cached in the new run's folder"
     from bctnb.losses import train_fct, save_fct, load_fct
-    from bctnb.models import load_model, extract_features
-    ob, _, oinfo = load_model(Path(old_dir)/"model"); nb, _, _ = load_model(Path(new_dir)/"model")
+    from bctnb.models import load_model
+    from bctnb.evaluate import features_for
+    _, _, oinfo = load_model(Path(old_dir)/"model", verify=False)
     f = Path(new_dir)/f"fct-{oinfo['sha256'][:12]}-e{epochs}-s{seed}.safetensors"
     if f.exists(): return load_fct(f)
     X, _ = split_images(cfg, "new")
-    h = train_fct(extract_features(ob, X), extract_features(nb, X), epochs=epochs, seed=seed)
+    h = train_fct(torch.as_tensor(features_for(Path(old_dir)/"model", X)), torch.as_tensor(features_for(Path(new_dir)/"model", X)),
+                  epochs=epochs, seed=seed)
     save_fct(f, h)
     return h
 
-def evaluate_pair(old_run, new_run, cfg, cache: _FeatureCache | None = None, refresh: bool = False,
+def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
                   refresh_steps: int = 10, refresh_seeds=(0, 1, 2), fct_epochs: int | None = None) -> dict:
     """old/old, self and cross metrics (CPU-tier protocol) of a trained new run against its old run, plus hot refresh.
     With `fct_epochs`, the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
-    cache = cache or _FeatureCache()
+    from bctnb.evaluate import features_for
+    from bctnb.models import load_model
     X, lab = split_images(cfg, "test")
-    key = (cfg.dataset, cfg.split_seed, cfg.test_ratio)
-    G_o, old_head, old_info = cache.get(Path(old_run)/"model", X, key)
-    Q_n, _, _ = cache.get(Path(new_run)/"model", X, key)
+    G_o, Q_n = features_for(Path(old_run)/"model", X), features_for(Path(new_run)/"model", X)   # disk cache keyed by model hash
+    _, old_head, _ = load_model(Path(old_run)/"model")
     G_x = G_o                                            # what the un-refreshed gallery holds
     if fct_epochs:
         h = fit_fct(old_run, new_run, cfg, fct_epochs, seed=cfg.seed)
@@ -211,7 +199,7 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
     check(isinstance(workers, int) and workers >= 1, f"workers={workers!r} must be a positive integer")
     todo = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists()]
     olds = {j.old.id: j.old for j in todo}
-    old_dirs, failures, cache = {}, {}, _FeatureCache()
+    old_dirs, failures = {}, {}
     bar = progress(total=len(olds) + len(todo), desc=f"{name}: train+eval", unit="model")
     t0 = time.time()
     def do_old(j):
@@ -222,7 +210,7 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         d = _train(j, old_dirs[j.old.id], run_root)
         wall = time.time() - t
         cfg = j.config(old_dirs[j.old.id])
-        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, cache, refresh=j.refresh, fct_epochs=j.fct_epochs)
+        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, fct_epochs=j.fct_epochs)
         res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
                "old_run": Path(old_dirs[j.old.id]).name, "old_label": j.old.label, "config": cfg.to_dict(),
                "train_wall_s": wall, "old_train_wall_s": Run(old_dirs[j.old.id]).status.get("wall_s"),
