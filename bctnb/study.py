@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'scale_info', 'Job', 'plan_study',
-           'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study',
-           'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts',
-           'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods', 'reproduce', 'paper_commands',
-           'paper_plan_or_refuse']
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'scale_info', 'Job', 'parse_method',
+           'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
+           'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
+           'refresh_verdicts', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods',
+           'reproduce', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -73,6 +73,18 @@ OLD_VARIANTS = {
 
 def _old_scenario(scenario: str) -> str: return "open-class" if scenario.endswith("-class") else "open-data"
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method with hyper-parameter overrides: `"nccl"` or `"nccl:tau=0.1,alpha=2"` → ("nccl", {"tau": 0.1, "alpha": 2}).
+    Values are read as JSON where possible (numbers, true/false, null), else kept as strings."""
+    name, _, rest = str(spec).partition(":")
+    kw = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        k, eq, v = part.partition("=")
+        check(eq == "=" and k.strip(), f"method spec {spec!r}: expected name:key=value[,key=value], e.g. 'nccl:tau=0.1'")
+        try: kw[k.strip()] = json.loads(v.strip())
+        except json.JSONDecodeError: kw[k.strip()] = v.strip()
+    return name.strip(), kw
+
 def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], seeds: Sequence[int] | None = None,
                old_variants: Sequence[str] = ("softmax128",), refresh_methods: Sequence[str] = (),
                method_kw: dict | None = None, dataset: str = "emoji", dataset_kw: dict | None = None,
@@ -80,9 +92,12 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
     "Old jobs (shared across scenarios with the same old split) followed by new jobs, one per scenario × method × seed × old variant"
     info = scale_info(scale)
     from bctnb.data import SCENARIOS
-    from bctnb.losses import available_methods
+    from bctnb.losses import available_methods, get_method
     for s in scenarios: check_choice("scenario", s, SCENARIOS)
-    for m in methods: check_choice("method", m, available_methods())
+    for m in methods:
+        name, kw = parse_method(m)
+        check_choice("method", name, available_methods())
+        if kw: get_method(name, **kw)                  # unknown hyper-parameters fail here, listing the valid ones
     for v in old_variants: check_choice("old variant", v, OLD_VARIANTS)
     seeds = tuple(info["seeds"] if seeds is None else seeds)
     extra, method_kw = dict(extra or {}), dict(method_kw or {})
@@ -98,12 +113,13 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                                     tags={"old_variant": v, "seed": seed, "old_split": key[2]})
                 nd = OLD_VARIANTS[v]["dim"]
                 for m in methods:
+                    name, kw = parse_method(m)
                     # fct reuses the independent model's run (same training config), then fits h(old) → new
                     nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed, "dim": nd,
-                          "method": "independent" if m == "fct" else m, "method_kw": method_kw.get(m, {})}
+                          "method": "independent" if name == "fct" else name, "method_kw": {**method_kw.get(name, {}), **kw}}
                     jobs.append(Job(f"{m}/{sc}/{v}/s{seed}", nv, "new", info["preset"], old=olds[key],
                                     tags={"method": m, "scenario": sc, "seed": seed, "old_variant": v},
-                                    refresh=m in refresh_methods, fct_epochs=FCT_EPOCHS[scale] if m == "fct" else None))
+                                    refresh=m in refresh_methods, fct_epochs=FCT_EPOCHS[scale] if name == "fct" else None))
     return list(olds.values()) + jobs
 
 # %% ../nbs/08_study.ipynb #e8d93ad7
