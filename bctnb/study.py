@@ -405,7 +405,7 @@ def plot_cross_vs_old(df: pd.DataFrame, metric: str = "mAP", ax=None):
         sns.barplot(data=g, x="method", y=f"cross:{metric}", errorbar="sd", ax=a, color="#4c72b0")
         a.axhline(g[f"old/old:{metric}"].mean(), ls="--", c="crimson", label="old/old")
         a.set_title(f"{sc}: cross-test {metric}"); a.set_xlabel(""); a.set_ylabel(f"cross {metric}")
-        a.tick_params(axis="x", rotation=45); a.legend(fontsize=8)
+        plt.setp(a.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor"); a.legend(fontsize=8)
     plt.tight_layout()
     return axes
 
