@@ -6,10 +6,10 @@ Docs: https://bctnb.github.io/bctnb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #29ff54c2
 from __future__ import annotations
-import contextlib, dataclasses, datetime, difflib, hashlib, json, math, os, platform, random, shutil, subprocess, sys, tempfile, types, typing
+import contextlib, dataclasses, datetime, difflib, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, types, typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 # %% auto #0
 __all__ = ['BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json', 'sha256_bytes',
@@ -124,7 +124,7 @@ class Registry:
         return sorted(k for k in self._items if private or not k.startswith("_"))
     def __contains__(self, name): return name in self._items
     def __iter__(self): return iter(self.names())
-    def __len__(self): return len(self._items)
+    def __len__(self): return len(self.names())
     def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self.names())})"
 
     def get(self, name: str):

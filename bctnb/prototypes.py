@@ -147,7 +147,6 @@ def credible_mask(feats: Tensor, labels, T: float = 0.9, column_norm: bool = Fal
     sums, counts = class_sums(x, labels, cls)
     row = torch.searchsorted(cls, labels)
     d = (x - (sums / counts[:, None])[row]).norm(dim=1)
-    mask = torch.zeros(len(labels), dtype=torch.bool)
     # sort by (class, distance, index): stable sorts, innermost key first
     order = torch.argsort(d, stable=True)
     order = order[torch.argsort(row[order], stable=True)]

@@ -6,7 +6,7 @@ Docs: https://bctnb.github.io/bctnb/study.html.md"""
 
 # %% ../nbs/08_study.ipynb #e7f7d241
 from __future__ import annotations
-import concurrent.futures as cf, json, math, os, threading, time
+import concurrent.futures as cf, json, math, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import (BctnbError, ConfigError, NotFoundError, Run, RunRegistry, check, check_choice, config_hash, dump_json,
-                        environment, load_json, project_root, progress, save_json, sha256_file)
+from .core import (BctnbError, ConfigError, NotFoundError, Run, check, check_choice, config_hash, environment, load_json,
+                        project_root, progress, save_json)
 
 # %% ../nbs/08_study.ipynb #f169f810
 SCALES = {
@@ -430,7 +430,7 @@ def _md(df: pd.DataFrame) -> str:
 
 def write_report(name: str, study_dir=None, title: str | None = None, intro: str = "", scale: str = "") -> Path:
     "Render README.md, CSVs and figures for a study from its result files"
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     study_dir = Path(study_dir or project_root()/"reports"/name)
     df = load_results(study_dir)
     if df.empty: raise NotFoundError(f"no results in {study_dir/'runs'}; run the study first (run_study)")
@@ -515,6 +515,6 @@ def paper_plan_or_refuse(study: str, methods, scenarios, domain: str = "face", g
         try: load_dataset(ds)
         except BctnbError as e: problems.append(f"dataset {ds}: {str(e).splitlines()[0][:300]}")
     if problems:
-        raise BctnbError(f"paper scale cannot start here: " + "; ".join(problems) + ".\nOn a machine with the data (see data_cards/) and "
+        raise BctnbError("paper scale cannot start here: " + "; ".join(problems) + ".\nOn a machine with the data (see data_cards/) and "
                          f"{gpus_needed} GPUs run:\n  " + "\n  ".join(paper_commands(study, methods, scenarios, domain)))
     return True
