@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full lab bench clean
+.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full sweeps lab bench clean
 
 # Keyed on the *content* of pyproject.toml (nbdev-export rewrites the file, so its mtime is useless).
 setup:
@@ -54,6 +54,10 @@ reproduce: setup
 
 reproduce-full: setup
 	@bash .ci/reproduce.sh full
+
+## make sweeps: NCCL temperature (3 seeds) and AdvBCT boundary/weights sweep at the quick scale -> reports/sweeps_quick/
+sweeps: setup
+	$(BIN)/python -c "from bctnb.study import run_sweep; print(run_sweep('quick'))"
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)

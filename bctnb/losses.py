@@ -551,8 +551,10 @@ def grad_reverse(x: Tensor, alpha: float) -> Tensor:
 class AdvBCT(Method):
     "L = L_cls + L_p2s(elastic boundary around old class centres) + (E−e+1)/E·L_adv(discriminator with GRL)"
     name = "advbct"; needs_old = True; old_features = "online"
-    defaults = dict(T=1.0, hidden=100, normalize_disc=False, old_source="auto")
-    def validate(self): check_range("T", self.T, 0, lo_open=True)
+    defaults = dict(T=1.0, hidden=100, normalize_disc=False, p2s_weight=1.0, adv_weight=1.0, old_source="auto")
+    def validate(self):
+        check_range("T", self.T, 0, lo_open=True)
+        for k in ("p2s_weight", "adv_weight"): check_range(k, getattr(self, k), 0)
 
     def setup(self, ctx: MethodContext):
         super().setup(ctx)
@@ -583,7 +585,7 @@ class AdvBCT(Method):
         fn, on = (F.normalize(f, dim=1), F.normalize(o, dim=1)) if self.normalize_disc else (f, o)
         adv = F.nll_loss(self.disc(grad_reverse(fn, alpha)), torch.zeros_like(y)) + F.nll_loss(self.disc(on), torch.ones_like(y))
         wt = (batch.epochs - batch.epoch + 1) / batch.epochs
-        return {"cls": self.cls_loss(batch), "p2s": p2s, "adv": wt * adv}
+        return {"cls": self.cls_loss(batch), "p2s": self.p2s_weight * p2s, "adv": self.adv_weight * wt * adv}
 
 # %% ../nbs/03_losses.ipynb #9da0ec7d
 def floor_frac(alpha: float, b: int) -> int:

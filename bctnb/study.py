@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'scale_info', 'Job', 'parse_method',
-           'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
-           'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
-           'refresh_verdicts', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods',
-           'reproduce', 'paper_commands', 'paper_plan_or_refuse']
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES',
+           'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method', 'plan_study', 'pair_verification', 'pair_metrics',
+           'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study', 'load_results', 'add_derived',
+           'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts', 'plot_cross_vs_old',
+           'plot_refresh_curves', 'write_report', 'default_methods', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
+           'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
 import pandas as pd
 import torch
 
-from .core import (BctnbError, ConfigError, NotFoundError, Run, check, check_choice, config_hash, environment, load_json,
-                        project_root, progress, save_json)
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, atomic_path, check, check_choice, config_hash,
+                        environment, load_json, project_root, progress, save_json, sha256_file)
 
 # %% ../nbs/08_study.ipynb #f169f810
 SCALES = {
@@ -172,7 +173,6 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
     from bctnb.models import load_model
     X, lab = split_images(cfg, "test")
     G_o, Q_n = features_for(Path(old_run)/"model", X), features_for(Path(new_run)/"model", X)   # disk cache keyed by model hash
-    _, old_head, _ = load_model(Path(old_run)/"model")
     G_x = G_o                                            # what the un-refreshed gallery holds
     if fct_epochs:
         h = fit_fct(old_run, new_run, cfg, fct_epochs, seed=cfg.seed)
@@ -185,6 +185,7 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
     if refresh:
         from bctnb.evaluate import hot_refresh, loo_scorer, old_uncertainty
         unc = None
+        _, old_head, _ = load_model(Path(old_run)/"model")      # the old classifier, for the uncertainty ordering
         if old_head is not None:
             W = old_head.weight.detach().float().numpy()
             b = None if getattr(old_head, "bias", None) is None else old_head.bias.detach().float().numpy()
@@ -490,6 +491,111 @@ def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str
     study_dir = Path(out_dir or project_root()/"reports"/name)
     run_study(name, jobs, study_dir, run_root, workers)
     return write_report(name, study_dir, title, intro, scale)
+
+SWEEP_NCCL = ["independent", "nccl", "nccl:tau=0.1", "nccl:tau=0.05"]
+SWEEP_ADVBCT = ["advbct", "advbct:T=0.4", "advbct:p2s_weight=10", "advbct:normalize_disc=true",
+                "advbct:p2s_weight=10,normalize_disc=true"]
+
+def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) -> list[Job]:
+    """The hyper-parameter sweep behind `reports/sweeps_<scale>`: NCCL's temperature (methods.md §2.7 asks for
+    τ ∈ {0.05, 0.1, 1}) over several seeds, and AdvBCT's boundary T and loss weights (§2.8)"""
+    sc = ["open-class", "extended-class"]
+    jobs = plan_study(scale, sc, SWEEP_NCCL, seeds=nccl_seeds) + plan_study(scale, sc, SWEEP_ADVBCT, seeds=advbct_seeds)
+    return list({j.id: j for j in jobs}.values())            # old models and independent runs are shared by both plans
+
+def run_sweep(scale: str = "quick", workers: int = 2, out_dir=None, run_root=None, **kw) -> Path:
+    "`make sweeps`: run what is missing of `sweep_jobs(scale)` and write `reports/sweeps_<scale>/`"
+    intro = ("The default NCCL (τ = 1) and AdvBCT (T = 1.0, official loss weights) stay near chance on cross-test on the emoji "
+             "data. This sweep varies NCCL's temperature over three seeds, and AdvBCT's boundary T, the weight of its "
+             "point-to-set term (`p2s_weight`) and whether its discriminator sees normalised features (`normalize_disc`). "
+             "Same recipe and old models as the other studies at this scale; rows with a `:` are hyper-parameter variants. "
+             "Command: `make sweeps`.")
+    return reproduce(f"sweeps_{scale}", sweep_jobs(scale, **kw), scale, "NCCL temperature and AdvBCT boundary sweep", intro,
+                     workers, out_dir, run_root)
+
+# %% ../nbs/08_study.ipynb #f6928106
+ZOO_FILES = ("config.json", "env.json", "status.json", "summary.json", "split.json", "metrics.csv")
+ZOO_MODEL_FILES = ("backbone.safetensors", "head.safetensors", "model.json")
+
+def zoo_home() -> Path: return project_root()/"reports"/"model_zoo"
+
+def _copy_run(src: Path, dst: Path):
+    "Copy the zoo files of one finished run folder (files written with the usual 0644 permissions)"
+    import shutil
+    status = load_json(src/"status.json", "run status") if (src/"status.json").exists() else {}
+    if status.get("status") != "done":
+        raise NotFoundError(f"run {src} is not finished (status {status.get('status')!r}); finish the study before exporting the zoo")
+    (dst/"model").mkdir(parents=True, exist_ok=True)
+    for f in ZOO_FILES:
+        if (src/f).exists(): shutil.copyfile(src/f, dst/f)
+    for f in ZOO_MODEL_FILES:
+        if (src/"model"/f).exists(): shutil.copyfile(src/"model"/f, dst/"model"/f)
+
+_OLD_SPLIT_NAMES = {"class": "old split of open-/extended-class (30 % of classes)",
+                    "data": "old split of open-/extended-data (30 % of images)"}
+
+def _zoo_row(kind, r, run, zdir):
+    m = r["metrics"]["old/old" if kind == "old" else "cross"]
+    files = sorted((zdir/run/"model").glob("*.safetensors"))
+    return {"model": f"[`{run}`](model_zoo/{run}/)", "role": kind, "method": "—" if kind == "old" else r["method"],
+            "scenario": _OLD_SPLIT_NAMES.get(r["old_label"].split("/")[1], r["old_label"]) if kind == "old" else r["scenario"],
+            "old variant": r["old_variant"],
+            "seed": r["seed"], "mAP": f"{m['mAP']:.3f}" + (" (old/old)" if kind == "old" else " (cross)"),
+            "MB": f"{sum(f.stat().st_size for f in files) / 1e6:.1f}",
+            "backbone sha256": f"`{sha256_file(zdir/run/'model'/'backbone.safetensors')}`"}
+
+def export_zoo(studies: Sequence[str], seed: int = 0, run_root=None, dest=None) -> Path:
+    """Copy the seed-`seed` old and new models behind the result files of `studies` (names under reports/) into the zoo
+    and write `reports/model_zoo.md`; returns that file. Runs shared by several jobs (an old model, independent = fct)
+    are copied once."""
+    from bctnb.core import runs_home
+    root, zdir = Path(run_root or runs_home()), Path(dest or zoo_home())
+    rows, seen = [], set()
+    for st in studies:
+        for f in sorted((project_root()/"reports"/st/"runs").glob("*.json")):
+            r = load_json(f, "study result")
+            if r.get("seed") != seed: continue
+            for kind, run in (("old", r["old_run"]), ("new", r["new_run"])):
+                if (kind, run) in seen: continue
+                seen.add((kind, run))
+                if not (zdir/run/"model"/"backbone.safetensors").exists(): _copy_run(root/run, zdir/run)
+                rows.append({"study": st, **_zoo_row(kind, r, run, zdir)})
+    check(rows, f"no seed-{seed} results in reports/{{{','.join(studies)}}}/runs: run the studies first")
+    df = pd.DataFrame(rows).sort_values(["role", "old variant", "scenario", "method"], ascending=[False, True, True, True])
+    md = ["# Model zoo", "",
+          f"CPU-tier checkpoints of seed {seed} (cpu_resnet on the emoji data, CPU recipe) behind the committed studies "
+          f"{', '.join(f'[`{s}`]({s}/README.md)' for s in studies)}. Each folder is a run folder: `model/` (safetensors weights, "
+          "`model.json` with the label map and the sha256 of each file), `config.json` (the exact training config), "
+          "`split.json`, `metrics.csv` (training log). Evaluate without training:", "",
+          "```bash", "papermill nbs/evaluate.ipynb /tmp/eval.ipynb --cwd nbs -p old_run ../reports/model_zoo/train_old-<hash> \\",
+          "          -p new_runs '[\"../reports/model_zoo/train_new-<hash>\"]'", "```", "",
+          "or in Python `bctnb.study.check_zoo_entry(result_json)`, which re-evaluates a pair and compares it with the study's "
+          "number (a test does this for one pair). The mAP column is the committed result: cross-test (new query vs old "
+          "gallery) for new models, old/old for old models.", "",
+          _md(df), "",
+          "## Paper scale", "",
+          "No paper-scale weights are provided: training them needs the datasets (see `data_cards/`) and 8 GPUs. Produce "
+          "them with the commands `bctnb.study.paper_commands` prints "
+          "(also printed by the `reproduce_*` notebooks at `-p scale paper`), e.g.:", "", "```bash",
+          *paper_commands("unibct_paper", ["l2", "bct", "nccl"], ["open-class"], "face")[:3], "```", ""]
+    out = zdir.parent/"model_zoo.md"
+    with atomic_path(out) as tmp: Path(tmp).write_text("\n".join(md))
+    return out
+
+def check_zoo_entry(result_json, zoo=None, atol: float = 1e-4) -> dict:
+    "Re-evaluate the zoo pair behind one study result file; raise unless mAP/R@1/TAR match the committed numbers"
+    from bctnb.train import TrainConfig
+    r = load_json(Path(result_json), "study result"); zdir = Path(zoo or zoo_home())
+    for run in (r["old_run"], r["new_run"]):
+        if not (zdir/run/"model"/"model.json").exists():
+            raise NotFoundError(f"zoo model {zdir/run} is missing: export it with bctnb.study.export_zoo([...]) or use a run folder")
+    cfg = TrainConfig(**{**r["config"], "old_run": str(zdir/r["old_run"])})
+    got = evaluate_pair(zdir/r["old_run"], zdir/r["new_run"], cfg)
+    for side in ("old/old", "self", "cross"):
+        for k, v in r["metrics"][side].items():
+            if abs(got[side][k] - v) > atol:
+                raise IntegrityError(f"zoo pair {r['label']}: {side} {k} = {got[side][k]:.6f} but the committed result says {v:.6f}")
+    return got
 
 # %% ../nbs/08_study.ipynb #99e03c3c
 def paper_commands(study: str, methods: Sequence[str], scenarios: Sequence[str], domain: str = "face") -> list[str]:

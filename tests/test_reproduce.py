@@ -63,3 +63,31 @@ def test_rerun_skips_finished_runs(tmp_path, runs, capsys):
     assert "0 new model(s)" in capsys.readouterr().out
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("*.json")} == stamps
     assert second.equals(first)
+
+
+# ---------------------------------------------------------------- the committed model zoo (reports/model_zoo*)
+def _zoo_rows():
+    import re
+    text = (ROOT / "reports" / "model_zoo.md").read_text()
+    return re.findall(r"\[`(train_(?:old|new)-[0-9a-f]{12})`\]\(model_zoo/[^)]*\).*?`([0-9a-f]{64})`", text)
+
+
+def test_model_zoo_lists_every_model_with_its_sha256():
+    from bctnb.core import sha256_file
+    rows = _zoo_rows()
+    assert len(rows) >= 23                                             # old model + 11 methods × 2 scenarios at least
+    for run, sha in rows:
+        f = ROOT / "reports" / "model_zoo" / run / "model" / "backbone.safetensors"
+        assert f.exists(), f"{run} is listed in model_zoo.md but {f} is missing"
+        assert sha256_file(f) == sha, f"{f} does not match the sha256 listed in model_zoo.md"
+        assert not (f.parent.parent / "ckpt").exists()                # weights only, no training checkpoints
+
+
+@pytest.mark.slow
+def test_model_zoo_pair_reproduces_the_committed_numbers():
+    "Evaluating the zoo's seed-0 L2 pair (open-class) from its weights gives the numbers in reports/unibct_cpu"
+    from bctnb.study import check_zoo_entry
+    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob("l2_open-class_softmax128_s0-*.json"))
+    got = check_zoo_entry(f)                                           # raises if any metric differs by > 1e-4
+    committed = json.loads(f.read_text())["metrics"]
+    assert got["cross"]["mAP"] == pytest.approx(committed["cross"]["mAP"], abs=1e-4)
