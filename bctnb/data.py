@@ -6,10 +6,10 @@ Docs: https://bctnb.github.io/bctnb/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #e1391132
 from __future__ import annotations
-import contextlib, csv, dataclasses, io, json, math, os, pickle, re, shutil, struct, subprocess, sys, tarfile, tempfile, threading, time
-from dataclasses import dataclass, field
+import contextlib, io, json, math, os, pickle, re, shutil, struct, subprocess, tarfile, tempfile, time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'SPLIT_PARTS', 'DATASETS', 'EMOJI_PACKAGES', 'EMOJI_STYLES', 'EMOJI_DROP_CATEGORIES',
@@ -27,7 +27,7 @@ __all__ = ['SCENARIOS', 'SPLIT_PARTS', 'DATASETS', 'EMOJI_PACKAGES', 'EMOJI_STYL
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import (BctnbError, ConfigError, NotFoundError, IntegrityError, Registry, atomic_path, atomic_write,
+from .core import (ConfigError, NotFoundError, IntegrityError, Registry, atomic_path, atomic_write,
                         canonical_json, check, check_choice, check_range, data_home, load_json, progress, save_json,
                         sha256_bytes, sha256_file)
 

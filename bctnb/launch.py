@@ -6,7 +6,7 @@ Docs: https://bctnb.github.io/bctnb/launch.html.md"""
 
 # %% ../nbs/06_launch.ipynb #38e37a6b
 from __future__ import annotations
-import codecs, json, os, selectors, subprocess, sys, time
+import codecs, os, selectors, subprocess, sys, time
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +16,7 @@ __all__ = ['LaunchError', 'torchrun_command', 'torchrun']
 
 # %% ../nbs/06_launch.ipynb #82a5ea98
 import bctnb
-from . import core
-from .core import BctnbError, ConfigError, NotFoundError, IntegrityError, Config, Run, check, check_nproc, load_json, runs_home
+from .core import BctnbError, NotFoundError, Config, Run, check, check_nproc, load_json
 
 # %% ../nbs/06_launch.ipynb #f3be98dc
 class LaunchError(BctnbError, RuntimeError):
@@ -119,6 +118,3 @@ def torchrun(target: str = "bctnb.train", config: Config | None = None, nproc: i
     if not Run(run.path).done:
         raise LaunchError(f"torchrun exited 0 but run {run.id} is not marked done; see {run.path}/status.json and the output above")
     return run.path
-
-# %% ../nbs/06_launch.ipynb #1eac32d0
-from .train import TrainConfig

@@ -8,7 +8,6 @@ Docs: https://bctnb.github.io/bctnb/models.html.md"""
 from __future__ import annotations
 import math, json
 from pathlib import Path
-from typing import Any
 
 # %% auto #0
 __all__ = ['BACKBONES', 'HEAD_KINDS', 'HEAD_DEFAULTS', 'HEADS', 'MODEL_FORMAT', 'Backbone', 'create_backbone', 'list_backbones',
@@ -21,10 +20,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file, load_file
-from .core import (BctnbError, ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, check_range,
-                        atomic_path, save_json, load_json, sha256_file, progress, Precision)
+from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, check_range,
+                        atomic_path, save_json, sha256_file, progress, Precision)
 
 # %% ../nbs/02_models.ipynb #f8b1f0de
 BACKBONES = Registry("backbone")

@@ -6,7 +6,7 @@ Docs: https://bctnb.github.io/bctnb/train.html.md"""
 
 # %% ../nbs/05_train.ipynb #82879445
 from __future__ import annotations
-import dataclasses, json, math, os, shutil, signal, sys, time, traceback
+import json, math, os, shutil, signal, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,16 @@ import torch.nn as nn
 import torch.distributed as dist
 from fastcore.script import call_parse, is_cli
 from safetensors.torch import save_file, load_file
-from .core import (BctnbError, ConfigError, NotFoundError, IntegrityError, Config, Run, check, check_choice, check_range,
+from .core import (BctnbError, ConfigError, IntegrityError, Config, Run, check, check_choice, check_range,
                         atomic_path, save_json, load_json, sha256_file, seed_everything, make_generator, derive_seed,
-                        rng_state, set_rng_state, select_precision, progress, runs_home)
+                        rng_state, set_rng_state, select_precision, progress)
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, load_dataset, make_split, SCENARIOS
 from .losses import METHODS, Batch, MethodContext, get_method, projection_methods
 
 # %% ../nbs/05_train.ipynb #fe533f8d
-try: import bctnb.prototypes  # noqa: F401  (registers the prototype-based methods, if that module defines any)
+import importlib
+try: importlib.import_module("bctnb.prototypes")  # registers the prototype-based methods, if that module defines any
 except ImportError: pass
 
 # %% ../nbs/05_train.ipynb #be490d28
