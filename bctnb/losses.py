@@ -123,6 +123,7 @@ class Method(nn.Module):
         self._old = {}            # frozen old model pieces, kept OUT of the module tree (not in parameters() / DDP)
         self._pair = None         # cached N×2×d old-feature flip pair (when used)
         self.source = None        # resolved old-feature source
+        self.stats = {}           # detached scalar diagnostics set by forward (logged as stat_<name>; never part of the loss)
         if "old_source" in self.hparams: check_choice("old_source", self.old_source, ["auto", "cached", "online"])
         self.validate()
 
@@ -583,8 +584,11 @@ class AdvBCT(Method):
         alpha = 2.0 / (1.0 + math.exp(-10 * p)) - 1.0
         o = self.old_feats(batch)
         fn, on = (F.normalize(f, dim=1), F.normalize(o, dim=1)) if self.normalize_disc else (f, o)
-        adv = F.nll_loss(self.disc(grad_reverse(fn, alpha)), torch.zeros_like(y)) + F.nll_loss(self.disc(on), torch.ones_like(y))
+        d_new, d_old = self.disc(grad_reverse(fn, alpha)), self.disc(on)
+        adv = F.nll_loss(d_new, torch.zeros_like(y)) + F.nll_loss(d_old, torch.ones_like(y))
         wt = (batch.epochs - batch.epoch + 1) / batch.epochs
+        self.stats = {"outside_ball": viol.mean().detach(),          # share of the batch outside its class ball
+                      "disc_acc": 0.5 * (d_new.detach().argmax(1).eq(0).float().mean() + d_old.detach().argmax(1).eq(1).float().mean())}
         return {"cls": self.cls_loss(batch), "p2s": self.p2s_weight * p2s, "adv": self.adv_weight * wt * adv}
 
 # %% ../nbs/03_losses.ipynb #9da0ec7d

@@ -514,6 +514,7 @@ def train(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             if rank == 0 and (step % cfg.log_every == 0 or step == total or bi == spe - 1):
                 el = time.time() - t0
                 run.log(step=step, epoch=epoch, lr=lr, loss=vals[0].item(), **{f"loss_{k}": v for k, v in zip(terms, vals[1:].tolist())},
+                        **{f"stat_{k}": float(v) for k, v in method.stats.items()},             # method diagnostics (rank 0's batch)
                         img_s=seen / el if el > 0 else None)
                 bar.set_postfix(loss=f"{vals[0].item():.3f}", lr=f"{lr:.3g}")
             end_of_epoch = bi == spe - 1 or step == total

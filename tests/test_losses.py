@@ -258,6 +258,9 @@ def test_every_method_trains_a_few_steps(old_run, name):
     terms = [c for c in m.columns if c.startswith("loss_")]
     assert "loss_cls" in terms and m[terms].dropna().map(math.isfinite).all().all()
     assert int(m["step"].max()) == 3
+    if name == "advbct":                  # its diagnostics reach the training log next to the loss terms
+        st = m[["stat_outside_ball", "stat_disc_acc"]].dropna()
+        assert len(st) and st.map(lambda v: 0 <= v <= 1).all().all()
 
 
 STATEFUL = ("nccl", "unibct")             # training state outside parameters: NCCL's queue, UniBCT's refreshed prototypes
