@@ -6,20 +6,22 @@ Docs: https://bctnb.github.io/bctnb/evaluate.html.md"""
 
 # %% ../nbs/07_evaluate.ipynb #4c8a980c
 from __future__ import annotations
-import dataclasses, json, math, os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 # %% auto #0
-__all__ = ['IJBC_FARS', 'FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_relevant',
-           'retrieval_metrics', 'knn', 'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k',
+__all__ = ['IJBC_FARS', 'FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'PROTOCOLS', 'as_features', 'l2_normalize', 'prepare_pair',
+           'rank_relevant', 'retrieval_metrics', 'knn', 'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k',
            'ijbc_image_features', 'ijbc_templates', 'ijbc_pair_scores', 'ijbc_verification', 'identification_metrics',
            'ijbc_identification', 'reid_metrics', 'upgrade_metrics', 'advbct_scores', 'seed_summary',
            'compatibility_matrix', 'compatibility_summary', 'loo_scorer', 'split_scorer', 'revisited_scorer',
-           'gldv2_scorer', 'old_uncertainty', 'refresh_order', 'RefreshResult', 'hot_refresh', 'plot_refresh',
-           'plot_flip_rates', 'plot_compat_matrix', 'module_hash', 'dataset_fingerprint', 'features_cache_dir',
-           'features_for']
+           'gldv2_scorer', 'reid_scorer', 'ijbc_scorer', 'old_uncertainty', 'refresh_order', 'RefreshResult',
+           'hot_refresh', 'plot_refresh', 'plot_flip_rates', 'plot_compat_matrix', 'module_hash', 'dataset_fingerprint',
+           'features_cache_dir', 'features_for', 'ProtocolData', 'protocol_root', 'retrieval_protocol',
+           'roxford5k_protocol', 'rparis6k_protocol', 'gldv2_protocol', 'market1501_protocol', 'ijbc_protocol',
+           'list_protocols', 'ProtocolResult', 'head_uncertainty', 'evaluate_protocol']
 
 # %% ../nbs/07_evaluate.ipynb #f28c1a05
 import numpy as np
@@ -27,8 +29,8 @@ import pandas as pd
 import torch
 import faiss
 from sklearn.metrics import roc_curve
-from .core import (BctnbError, ConfigError, NotFoundError, IntegrityError, check, check_choice, canonical_json,
-                        sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home, progress, Run)
+from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, canonical_json,
+                        sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home, Run)
 
 # %% ../nbs/07_evaluate.ipynb #96a497ec
 def as_features(x, name: str = "features") -> np.ndarray:
@@ -569,6 +571,64 @@ def gldv2_scorer(relevant, k: int = 100) -> Callable:
         return r, hit1[v]
     return score
 
+# %% ../nbs/07_evaluate.ipynb #6e4c7dc0
+def reid_scorer(query_pids, query_cams, gallery_pids, gallery_cams, ks=(1, 5, 10)) -> Callable:
+    "Market-1501 re-ID (§2.7) as a scorer: CMC rank-k and mAP; top-1 = the first remaining gallery image has the query's pid"
+    qp, qc, gp, gc = (np.asarray(x).ravel() for x in (query_pids, query_cams, gallery_pids, gallery_cams))
+    def score(q, g):
+        r = reid_metrics(q, qp, qc, g, gp, gc, ks, per_query=True)
+        first = r.pop("first_rank"); r.pop("ap")
+        return r, first[first >= 0] == 0
+    return score
+
+def _template_rows(tids, ids, what):
+    ids = np.asarray(ids).ravel(); i = np.searchsorted(tids, ids)
+    bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != ids)
+    if bad.any(): raise ConfigError(f"{int(bad.sum())} {what} template ids are not among the {len(tids)} templates of the image list "
+                                    f"(first: {ids[bad][0]}); the protocol files and ijbc_face_tid_mid.txt do not belong together")
+    return i
+
+def ijbc_scorer(template_ids, pairs=None, gallery_probe: dict | None = None, fars: Sequence[float] = IJBC_FARS, ks=(1, 5, 10),
+                fpirs=(1e-3, 1e-2, 1e-1), chunk: int = 1 << 20) -> Callable:
+    """IJB-C as a scorer over template features (rows = sorted `template_ids`): 1:1 TAR@FAR on `pairs` (rows t1, t2,
+    label; t1 from the gallery side) and 1:N on `gallery_probe` ({'G1', 'G2', 'probe'} → (template, subject) rows)"""
+    tids = np.asarray(template_ids).ravel()
+    check(len(tids) > 0, "ijbc_scorer: there are no templates (empty image list)")
+    check(bool(np.all(np.diff(tids) > 0)), "template_ids must be sorted and unique, as ijbc_templates returns them")
+    check(pairs is not None or gallery_probe is not None, "ijbc_scorer needs the 1:1 pairs, the 1:N gallery/probe lists, or both")
+    if pairs is not None:
+        P = np.asarray(pairs, np.int64)
+        check(P.ndim == 2 and P.shape[1] == 3 and len(P) > 0, f"pairs must be a non-empty n×3 array of (t1, t2, label), got shape {P.shape}")
+        i1, i2, lab = _template_rows(tids, P[:, 0], "pair"), _template_rows(tids, P[:, 1], "pair"), P[:, 2]
+    if gallery_probe is not None:
+        gp = {k: np.asarray(v, np.int64).reshape(-1, 2) for k, v in gallery_probe.items()}
+        check("probe" in gp and any(k != "probe" for k in gp), "gallery_probe needs 'probe' and at least one gallery ('G1', 'G2')")
+        pr, ps = _template_rows(tids, gp["probe"][:, 0], "probe"), gp["probe"][:, 1]
+        gals = {k: (_template_rows(tids, v[:, 0], k), v[:, 1]) for k, v in gp.items() if k != "probe"}
+        for k, (gi, _) in gals.items(): check(len(gi) > 0, f"gallery {k} is empty (no rows in its 1:N CSV)")
+    def score(q, g):
+        q, g = prepare_pair(q, g)
+        if not (len(q) == len(g) == len(tids)):
+            raise ConfigError(f"IJB-C scorer: need one row per template ({len(tids)}) on both sides, got {len(q)} and {len(g)}")
+        out, top1 = {}, []
+        if pairs is not None:
+            s = np.empty(len(lab), np.float32)
+            for a in range(0, len(lab), chunk): s[a:a + chunk] = np.einsum("ij,ij->i", g[i1[a:a + chunk]], q[i2[a:a + chunk]])
+            out.update({f"TAR@FAR={f:g}": v for f, v in tar_at_far(s, lab, fars).items()})
+        if gallery_probe is not None:
+            res, hits = {}, {k: 0 for k in ks}
+            for name, (gi, gs) in gals.items():
+                r = identification_metrics(q[pr], ps, g[gi], gs, ks, fpirs, per_query=True)
+                fr, m = r.pop("first_rank"), r.pop("mated"); r.pop("s_plus"); r.pop("s_minus")
+                top1.append(fr[m] == 0)
+                for k in ks: hits[k] += int((fr[m] < k).sum())
+                res[name] = r; out.update({f"{name}_{k}": v for k, v in r.items()})
+            keys = [k for k in next(iter(res.values())) if not k.startswith("n_")]
+            out.update({f"mean_{k}": float(np.mean([r[k] for r in res.values()])) for k in keys})
+            out.update({f"overall_rank-{k}": hits[k] / len(pr) for k in ks})
+        return out, (np.concatenate(top1) if top1 else np.zeros(0, bool))
+    return score
+
 # %% ../nbs/07_evaluate.ipynb #f9c4abd9
 def old_uncertainty(old_feats, weight, bias=None, s: float | None = None, kind: str = "cosine") -> np.ndarray:
     """Entropy of the old head's class posterior for each stored old feature, without margin: cosine heads
@@ -708,7 +768,24 @@ def dataset_fingerprint(data) -> dict:
           "listing": sha256_bytes(canonical_json([list(map(str, data.keys)), np.asarray(data.labels).tolist()]).encode())}
     imgs = getattr(data, "images", None)
     if isinstance(imgs, torch.Tensor): fp["pixels"] = sha256_bytes(imgs.contiguous().numpy().tobytes())
+    view = _image_view(data)
+    if view: fp["view"] = view
     return fp
+
+def _image_view(data) -> dict:
+    "How a file-backed dataset turns files into pixels (resize, crop boxes, face alignment): part of the cache key"
+    src = getattr(data, "parent", data)
+    idx = getattr(data, "idx", None)
+    v = {}
+    if getattr(src, "size", None) is not None: v["size"] = src.size
+    boxes = getattr(src, "boxes", None)
+    if boxes is not None:
+        b = np.asarray(boxes, np.float64); v["boxes"] = sha256_bytes((b if idx is None else b[idx]).tobytes())
+    lm = getattr(src, "landmarks", None)
+    if lm is not None and getattr(src, "align", False):
+        l = np.asarray(lm, np.float64); v["align"] = {"out_size": getattr(src, "out_size", None), "landmarks": sha256_bytes((l if idx is None else l[idx]).tobytes())}
+    elif getattr(src, "out_size", None) is not None: v["out_size"] = src.out_size
+    return v
 
 def _resolve_model(model_or_run):
     "(backbone or a loader, model sha256, source path) for a model folder / run / load_model tuple / module"
@@ -757,3 +834,211 @@ def features_for(model_or_run, dataset, flip: str = "none", cache_dir=None, batc
     save_json(side, {"format": FEATURES_FORMAT, "version": 1, "model_sha256": msha, "model_path": mpath, "dataset": fp,
                      "preprocessing": prep, "dims": list(feat.shape), "sha256": sha256_file(f)})
     return (feat, f) if return_path else feat
+
+# %% ../nbs/07_evaluate.ipynb #1d283b73
+PROTOCOLS = Registry("protocol")
+
+@dataclass
+class ProtocolData:
+    "One protocol's evaluation sets and ground truth: what to embed and how to score (query features, gallery features)"
+    name: str
+    query: Any                         # an ImageDataset
+    gallery: Any | None                # None: the query set is also the gallery
+    scorer: Callable                   # scorer(Q, G) -> (metrics, top1), Q/G after `post`
+    primary: str                       # the metric of §2.8 (criterion, gain, tax, refresh curves, matrix)
+    columns: tuple = ()                # metrics shown in the summary table
+    flip: str = "none"                 # features_for flip mode
+    post: Callable | None = None       # image features -> scorer items (IJB-C: templates)
+    batch_size: int = 256
+    info: dict = field(default_factory=dict)
+
+def protocol_root(name: str, data_root=None) -> Path:
+    "`data_root`, else `data_home()/name` ($BCTNB_DATA/<name>)"
+    return Path(data_root).expanduser() if data_root else data_home()/name
+
+def _load_benchmark(name: str, data_root, **kw):
+    from bctnb.data import load_dataset
+    root = protocol_root(name, data_root)
+    try: return load_dataset(name, root=root, **kw)
+    except NotFoundError as e:
+        how = "" if data_root else f" data_root=None reads $BCTNB_DATA/{name} (here {root}); pass data_root=<folder> (papermill: -p data_root ...)."
+        raise NotFoundError(f"{str(e).rstrip('.')}.{how} Data card: data_cards/{name}.md") from None
+
+def _batch_for(image_size) -> int: return 256 if image_size is not None else 1
+
+@PROTOCOLS.register("retrieval")
+def retrieval_protocol(root=None, dataset=None, flip: str = "none", batch_size: int = 256) -> ProtocolData:
+    "Class-disjoint leave-one-out retrieval (§2.2) on a labelled test set (`dataset`, e.g. the held-out classes of a split)"
+    if dataset is None:
+        raise ConfigError("protocol 'retrieval' evaluates a labelled test set leave-one-out: pass dataset=<ImageDataset> "
+                          "(nbs/evaluate.ipynb uses the held-out test classes of the old run's split)")
+    y = np.asarray(dataset.labels)
+    return ProtocolData("retrieval", dataset, None, loo_scorer(y), "mAP", ("mAP", "R@1"), flip=flip, batch_size=batch_size,
+                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y)))})
+
+def _revisited_protocol(name, root, image_size):
+    q = _load_benchmark(name, root, split="query", size=image_size)
+    db = _load_benchmark(name, root, split="db", size=image_size)
+    return ProtocolData(name, q, db, revisited_scorer(q.gnd), "mAP", ("mAP", "mP@10", "easy_mAP", "hard_mAP"),
+                        batch_size=_batch_for(image_size), info={"n_queries": len(q), "n_database": len(db), "image_size": image_size})
+
+@PROTOCOLS.register("roxford5k")
+def roxford5k_protocol(root=None, image_size=None) -> ProtocolData:
+    "Revisited Oxford (§2.3): queries cropped to their boxes, the full database ranked; E/M/H mAP and mP@k"
+    return _revisited_protocol("roxford5k", root, image_size)
+
+@PROTOCOLS.register("rparis6k")
+def rparis6k_protocol(root=None, image_size=None) -> ProtocolData:
+    "Revisited Paris (§2.3): as `roxford5k_protocol`"
+    return _revisited_protocol("rparis6k", root, image_size)
+
+@PROTOCOLS.register("gldv2")
+def gldv2_protocol(root=None, usage=("Private",), image_size=None, k: int = 100) -> ProtocolData:
+    "GLDv2 retrieval (§2.4): test queries with the given Usage (Private = final, Public = validation) against the index"
+    usage = [usage] if isinstance(usage, str) else list(usage)
+    for u in usage: check_choice("usage", u, ["Private", "Public"])
+    test = _load_benchmark("gldv2", root, split="test", size=image_size)
+    index = _load_benchmark("gldv2", root, split="index", size=image_size)
+    sel = np.flatnonzero(np.isin(test.meta["usage"], usage))
+    if len(sel) == 0: raise ConfigError(f"gldv2: no test image has Usage in {usage} in retrieval_solution_v2.1.csv; check the file or pass usage=['Public', 'Private']")
+    rel = [test.relevant[i] for i in sel]
+    return ProtocolData("gldv2", test.subset(sel), index, gldv2_scorer(rel, k), f"mAP@{k}", (f"mAP@{k}",), batch_size=_batch_for(image_size),
+                        info={"usage": usage, "n_queries": int(len(sel)), "n_index": len(index), "image_size": image_size})
+
+@PROTOCOLS.register("market1501")
+def market1501_protocol(root=None, image_size=None) -> ProtocolData:
+    "Market-1501 (§2.7): `query/` against `bounding_box_test/` (junk dropped), flip-sum features; CMC rank-k and mAP"
+    q = _load_benchmark("market1501", root, split="query", size=image_size)
+    g = _load_benchmark("market1501", root, split="gallery", size=image_size)
+    sc = reid_scorer(q.meta["pid"], q.meta["camid"], g.meta["pid"], g.meta["camid"])
+    return ProtocolData("market1501", q, g, sc, "mAP", ("mAP", "rank-1"), flip="sum", batch_size=64,
+                        info={"n_queries": len(q), "n_gallery": len(g), "image_size": image_size})
+
+@PROTOCOLS.register("ijbc")
+def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> ProtocolData:
+    """IJB-C (§2.5–2.6): images aligned to `image_size`, g = (φ(I) + φ(flip I))·s_det, media-mean/template-sum templates;
+    1:1 TAR@FAR and (if its CSVs exist and `one_to_n`) 1:N on G1/G2. The scorer's items are the templates."""
+    check(isinstance(image_size, int) and image_size >= 16, f"ijbc: image_size={image_size!r} must be the aligned face size in pixels (112 for ArcFace models)")
+    ds = _load_benchmark("ijbc", root, size=image_size)
+    pairs = ds.pairs()
+    gp, note = None, None
+    if one_to_n:
+        try: gp = ds.gallery_probe()
+        except NotFoundError as e: note = f"1:N skipped: {e}"
+    tpl, med, det = ds.meta["template"], ds.meta["media"], ds.meta["det_score"]
+    tids = np.unique(tpl)
+    def post(F): return ijbc_templates(ijbc_image_features(F, det), tpl, med)[1]
+    cols = ("TAR@FAR=0.0001", "TAR@FAR=0.001") + (("mean_rank-1", "mean_TPIR@FPIR=0.01") if gp is not None else ())
+    info = {"n_images": len(ds), "n_templates": int(len(tids)), "n_pairs": int(len(pairs)), "n_genuine": int((pairs[:, 2] == 1).sum()),
+            "image_size": image_size, "one_to_n": gp is not None}
+    if gp is not None: info.update({f"n_{k}": int(len(v)) for k, v in gp.items()})
+    if note: info["note"] = note
+    return ProtocolData("ijbc", ds, None, ijbc_scorer(tids, pairs, gp), "TAR@FAR=0.0001", cols, flip="sum", post=post, info=info)
+
+def list_protocols() -> list[str]: return PROTOCOLS.names()
+
+# %% ../nbs/07_evaluate.ipynb #45fb3a39
+@dataclass
+class ProtocolResult:
+    "Everything `evaluate_protocol` measured; `table` has one row per new model, `to_json()` is what the pipeline stores"
+    protocol: str
+    metric: str
+    old_old: dict
+    new: dict                          # name -> {"self", "cross", "reverse", "upgrade", "transformed"}
+    independent: str | None
+    table: pd.DataFrame
+    refresh: dict                      # name -> RefreshResult
+    compat: dict | None                # {"models", "C", AC/AM/BC/FC ...}
+    info: dict
+
+    def to_json(self) -> dict:
+        return {"protocol": self.protocol, "metric": self.metric, "data": self.info, "old/old": self.old_old, "new": {n: dict(v) for n, v in self.new.items()},
+                "independent": self.independent, "compat": self.compat,
+                "refresh": {n: {"summary": r.summary.to_dict(orient="records"), "old_old": r.old_old} for n, r in self.refresh.items()}}
+
+def _protocol_features(model, data: ProtocolData, cache_dir=None):
+    "(Q, G) of one model: query and gallery features after the protocol's `post` step"
+    def emb(ds):
+        F = features_for(model, ds, flip=data.flip, cache_dir=cache_dir, batch_size=data.batch_size)
+        return data.post(F) if data.post is not None else F
+    Q = emb(data.query)
+    return Q, (Q if data.gallery is None else emb(data.gallery))
+
+def _auto_head(old_model):
+    "The old head of a model/run folder or load_model tuple (None for a bare module or a model without head)"
+    if isinstance(old_model, tuple) and len(old_model) == 3: return old_model[1]
+    if isinstance(old_model, (str, Path, Run)):
+        from bctnb.models import load_model
+        return load_model(old_model.path if isinstance(old_model, Run) else old_model)[1]
+    return None
+
+def head_uncertainty(head, old_feats) -> np.ndarray:
+    "`old_uncertainty` of stored old features under a bctnb `Head` (softmax heads: linear, others: cosine with their s)"
+    W = head.weight.detach().float().cpu().numpy()
+    b = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu().numpy()
+    kind = "linear" if head.kind == "softmax" else "cosine"
+    return old_uncertainty(old_feats, W, b, s=None if kind == "linear" else float(head.s), kind=kind)
+
+def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, independent: str | None = None,
+                      gallery_transforms: dict | None = None, old_head="auto", metric: str | None = None,
+                      refresh: bool = True, orderings=("random", "discrepancy", "uncertainty"), refresh_steps: int = 10,
+                      refresh_seeds=(0, 1, 2), compat: bool = True, skip_incompatible: bool = False, cache_dir=None,
+                      **protocol_kw) -> ProtocolResult:
+    """Old/old, self, cross (and reverse) metrics of every new model on one protocol (a `PROTOCOLS` name or a
+    `ProtocolData`), the §2.8 summaries on the primary `metric`, hot refresh of the gallery side and the compatibility matrix"""
+    data = protocol if isinstance(protocol, ProtocolData) else PROTOCOLS.get(protocol)(data_root, **protocol_kw)
+    if isinstance(new_models, (list, tuple)): new_models = {f"new{i + 1}": m for i, m in enumerate(new_models)}
+    check(isinstance(new_models, dict) and len(new_models) > 0, "new_models must be a non-empty dict name → model (run/model folder or module)")
+    if independent is not None: check_choice("independent", independent, list(new_models))
+    tfs = dict(gallery_transforms or {})
+    for n in tfs: check_choice("gallery_transforms key", n, list(new_models))
+    if len(data.query) == 0: raise ConfigError(f"{data.name}: the query set is empty (0 images); check the protocol files (data_cards/)")
+    if data.gallery is not None and len(data.gallery) == 0:
+        raise ConfigError(f"{data.name}: the gallery/database is empty (0 images): nothing can be retrieved. Check the protocol files (data_cards/)")
+    Qo, Go = _protocol_features(old_model, data, cache_dir)
+    oo, _ = data.scorer(Qo, Go)
+    metric = metric or data.primary
+    if metric not in oo: raise ConfigError(f"metric {metric!r} is not a {data.name} metric; choose one of: {', '.join(k for k in oo if not k.startswith('n_'))}")
+    feats, res = {}, {}
+    for name, m in new_models.items():
+        Qn, Gn = _protocol_features(m, data, cache_dir)
+        tf = tfs.get(name)
+        Gx = (tf(Go) if tf is not None else Go)
+        ok = np.shape(Gx)[1] == Qn.shape[1]
+        if not ok and not skip_incompatible:
+            raise ConfigError(f"{data.name}: new model {name!r} embeds in {Qn.shape[1]} dims, the old gallery has {np.shape(Gx)[1]}: the cross test "
+                              "needs a declared transformation (gallery_transforms={name: h}; FCT runs save fct.safetensors) or equal dimensions. "
+                              "Pass skip_incompatible=True to report it without a cross test.")
+        feats[name] = (Qn, Gn, Gx if ok else None)
+        res[name] = {"self": data.scorer(Qn, Gn)[0], "cross": data.scorer(Qn, Gx)[0] if ok else None,
+                     "reverse": data.scorer(Qo, Gn)[0] if tf is None and Qo.shape[1] == Gn.shape[1] else None, "transformed": tf is not None}
+        if data.name == "ijbc" and res[name]["reverse"] is not None:
+            res[name]["cross_swapped"] = {k: v for k, v in res[name]["reverse"].items() if k.startswith("TAR@")}
+    ind = res[independent]["self"][metric] if independent is not None else None
+    rows = []
+    for name, r in res.items():
+        u = upgrade_metrics(oo[metric], r["self"][metric], r["cross"][metric] if r["cross"] else float("nan"), ind)
+        if r["cross"] is None: u["criterion"] = None
+        r["upgrade"] = u
+        row = {"method": name}
+        for c in [c for c in data.columns if c in oo]:
+            row.update({f"old/old {c}": oo[c], f"self {c}": r["self"][c], f"cross {c}": r["cross"][c] if r["cross"] else np.nan})
+        row.update({"criterion": {True: "pass", False: "fail", None: "n/a (dims differ)"}[u["criterion"]],
+                    "update gain": u["update_gain"], "tax": u["tax"]})
+        rows.append(row)
+    refreshes = {}
+    if refresh:
+        head = _auto_head(old_model) if isinstance(old_head, str) and old_head == "auto" else old_head
+        unc = head_uncertainty(head, Go) if head is not None and "uncertainty" in orderings else None
+        ords = tuple(o for o in orderings if o != "uncertainty" or unc is not None)
+        for name, (Qn, Gn, Gx) in feats.items():
+            if Gx is None or np.shape(Gx)[1] != Gn.shape[1]: continue
+            refreshes[name] = hot_refresh(Qn, Gx, Gn, data.scorer, q_old=Qo, g_old_ref=Go, orderings=ords, steps=int(refresh_steps),
+                                          seeds=tuple(refresh_seeds), uncertainty=unc, metric=metric)
+    cm = None
+    gen = [("old", (Qo, Go))] + [(n, (f[0], f[1])) for n, f in feats.items() if f[0].shape[1] == Qo.shape[1]]
+    if compat and len(gen) >= 2:
+        C = compatibility_matrix([f for _, f in gen], data.scorer, metric=metric)
+        cm = {"models": [n for n, _ in gen], "metric": metric, "C": C.tolist(), **compatibility_summary(C)}
+    return ProtocolResult(data.name, metric, oo, res, independent, pd.DataFrame(rows).set_index("method"), refreshes, cm,
+                          {**data.info, "primary": data.primary})

@@ -606,9 +606,11 @@ def paper_commands(study: str, methods: Sequence[str], scenarios: Sequence[str],
     cmds += [f"papermill nbs/train_new.ipynb runs/{study}_{m}_{sc}.ipynb --cwd nbs -p preset paper -p dataset {train_ds} -p scenario {sc} "
              f"-p method {m} -p nproc 8 -p old_run runs/train_old-<hash of the {_old_scenario(sc)} old run>"
              for sc in scenarios for m in methods]
-    cmds.append(f"# evaluation on {PAPER_DATA[domain][1]}: bctnb.evaluate has the protocol's metrics "
-                f"({'ijbc_verification / ijbc_identification' if domain == 'face' else 'revisited_map / gldv2_map_at_k'}); "
-                "nbs/evaluate.ipynb wires only the leave-one-out retrieval protocol so far")
+    protocols = ["ijbc"] if domain == "face" else ["roxford5k", "rparis6k", "gldv2"]
+    cmds += [f"papermill nbs/evaluate.ipynb runs/{study}_eval_{p}_{sc}.ipynb --cwd nbs -p protocol {p} "
+             f"-p old_run runs/train_old-<hash of the {_old_scenario(sc)} old run> "
+             f"-p new_runs '[\"runs/train_new-<hash of {methods[0]}>\", ...]'"
+             for sc in scenarios for p in protocols]
     return cmds
 
 def paper_plan_or_refuse(study: str, methods, scenarios, domain: str = "face", gpus_needed: int = 8):

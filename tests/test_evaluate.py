@@ -1,12 +1,12 @@
 """bctnb.evaluate: every vectorised metric against a straightforward per-query loop written here from protocols.md §2,
 on random data (tie-free and tie-heavy), plus the error paths a user hits."""
-import math
+import json, math
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_curve
 
-from bctnb.core import ConfigError
+from bctnb.core import ConfigError, NotFoundError
 from bctnb import evaluate as ev
 
 
@@ -550,3 +550,197 @@ def test_evaluate_notebook_papermill(tmp_path):
     assert status["status"] == "done"
     arts = json.loads((ed / "artefacts.json").read_text())
     assert "evaluation.json" in arts and "refresh.png" in arts
+
+
+# ---------------------------------------------------------------- benchmark protocols end to end (evaluate_protocol)
+from benchmark_fixtures import save_tiny_model, write_gldv2, write_ijbc, write_market1501, write_revisited
+
+IJBC_KEYS = ({f"TAR@FAR={f:g}" for f in ev.IJBC_FARS}
+             | {f"{g}_{m}" for g in ("G1", "G2", "mean") for m in ("rank-1", "rank-5", "rank-10", "TPIR@FPIR=0.001", "TPIR@FPIR=0.01", "TPIR@FPIR=0.1")}
+             | {f"overall_rank-{k}" for k in (1, 5, 10)})
+REVISITED_KEYS = {f"{s}{m}" for s in ("", "easy_", "hard_") for m in ("mAP", "mP@1", "mP@5", "mP@10")}
+BENCH = {   # protocol: (fixture writer, protocol options, metric keys of protocols.md, primary metric)
+    "ijbc": (write_ijbc, {"image_size": 32}, IJBC_KEYS, "TAR@FAR=0.0001"),
+    "roxford5k": (lambda r: write_revisited(r, "roxford5k"), {}, REVISITED_KEYS, "mAP"),
+    "rparis6k": (lambda r: write_revisited(r, "rparis6k", n_landmarks=3), {}, REVISITED_KEYS, "mAP"),
+    "gldv2": (write_gldv2, {"usage": ["Private", "Public"]}, {"mAP@100"}, "mAP@100"),
+    "market1501": (write_market1501, {}, {"rank-1", "rank-5", "rank-10", "mAP"}, "mAP"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    "old (dim 8, softmax head for the uncertainty ordering), another random new model, and a 12-dim one"
+    root = tmp_path_factory.mktemp("tiny_models")
+    return (save_tiny_model(root / "old", dim=8, seed=0, head_classes=5), save_tiny_model(root / "new", dim=8, seed=1),
+            save_tiny_model(root / "wide", dim=12, seed=2))
+
+
+def _library_cross(name, root, old, new, kw, cache):
+    "The cross test M(new, old) recomputed from raw features with the protocol's metric functions (no scorer, no registry)"
+    from bctnb.data import load_dataset
+    feats = lambda m, ds, flip="none": ev.features_for(m, ds, flip=flip, cache_dir=cache, batch_size=1)
+    if name == "ijbc":
+        ds = load_dataset("ijbc", root=root, size=kw["image_size"])
+        tpl = {}
+        for role, m in (("old", old), ("new", new)):
+            g = ev.ijbc_image_features(feats(m, ds, "sum"), ds.meta["det_score"])
+            tids, tpl[role] = ev.ijbc_templates(g, ds.meta["template"], ds.meta["media"])
+        P = ds.pairs()
+        ver = ev.ijbc_verification(tids, tpl["old"], tpl["new"], P[:, 0], P[:, 1], P[:, 2])
+        gp = ds.gallery_probe()
+        rows = lambda t: np.searchsorted(tids, t)
+        ide = ev.ijbc_identification(tpl["new"][rows(gp["probe"][:, 0])], gp["probe"][:, 1],
+                                     {g: (tpl["old"][rows(gp[g][:, 0])], gp[g][:, 1]) for g in ("G1", "G2")})
+        out = {f"TAR@FAR={f:g}": v for f, v in ver["cross"].items()}
+        out.update({f"mean_{k}": v for k, v in ide["mean"].items()}, **{f"overall_{k}": v for k, v in ide["overall"].items()})
+        out["_swapped"] = {f"TAR@FAR={f:g}": v for f, v in ver["cross_swapped"].items()}
+        return out
+    if name in ("roxford5k", "rparis6k"):
+        q, db = load_dataset(name, root=root, split="query"), load_dataset(name, root=root, split="db")
+        r = ev.revisited_map(_norm(feats(new, q)) @ _norm(feats(old, db)).T, q.gnd)
+        return {"mAP": r["medium"]["mAP"], "easy_mAP": r["easy"]["mAP"], "hard_mAP": r["hard"]["mAP"], "mP@10": r["medium"]["mP@10"],
+                "n_excluded": r["medium"]["n_excluded"]}
+    if name == "gldv2":
+        te, ix = load_dataset("gldv2", root=root, split="test"), load_dataset("gldv2", root=root, split="index")
+        sel = np.flatnonzero(np.isin(te.meta["usage"], kw["usage"]))
+        r = ev.gldv2_map_at_k(_norm(feats(new, te.subset(sel))) @ _norm(feats(old, ix)).T, [te.relevant[i] for i in sel], 100)
+        return {"mAP@100": r["mAP@100"], "n_queries": r["n_queries"], "n_excluded": r["n_excluded"]}
+    q, g = load_dataset("market1501", root=root, split="query"), load_dataset("market1501", root=root, split="gallery")
+    r = ev.reid_metrics(feats(new, q, "sum"), q.meta["pid"], q.meta["camid"], feats(old, g, "sum"), g.meta["pid"], g.meta["camid"])
+    return {k: r[k] for k in ("mAP", "rank-1", "rank-5", "n_queries")}
+
+
+@pytest.mark.parametrize("name", list(BENCH))
+def test_benchmark_protocol_roles_metrics_refresh_and_matrix(name, tmp_path, tiny_models):
+    old, new, _ = tiny_models
+    write, kw, keys, primary = BENCH[name]
+    root = write(tmp_path / name)
+    cache = tmp_path / "cache"
+    res = ev.evaluate_protocol(name, old, {"copy": old, "new": new}, data_root=root, independent="new", refresh_steps=2,
+                               refresh_seeds=(0,), cache_dir=cache, **kw)
+    assert res.metric == primary and keys <= set(res.old_old)
+    # a new model with the old weights: self, cross and reverse all equal old/old, and the strict criterion fails (tie)
+    for role in ("self", "cross", "reverse"):
+        assert res.new["copy"][role] == res.old_old, role
+    assert res.new["copy"]["upgrade"]["criterion"] is False and res.table.loc["copy", "criterion"] == "fail"
+    # metrics are fractions
+    for r in (res.old_old, *(res.new["new"][x] for x in ("self", "cross", "reverse"))):
+        for k in keys:
+            assert math.isnan(r[k]) or 0.0 <= r[k] <= 1.0, (k, r[k])
+    # the cross test is the library's metric on (new queries, OLD gallery)
+    want = _library_cross(name, root, old, new, kw, cache)
+    cross = res.new["new"]["cross"]
+    for k, v in want.items():
+        if k == "_swapped":
+            assert res.new["new"]["cross_swapped"] == pytest.approx(v, abs=1e-12)
+        else:
+            assert cross[k] == pytest.approx(v, abs=1e-6), k
+    # §2.8 on the primary metric; n = n* here, so the tax is 0 and the gain is (cross - oo) / (self - oo)
+    u = res.new["new"]["upgrade"]
+    assert u["criterion"] == (cross[primary] > res.old_old[primary]) and u["tax"] == 0.0
+    # hot refresh of the gallery side: β = 0 is cross, β = 1 is self; the old head enables the uncertainty ordering
+    c = res.refresh["new"].curves
+    assert set(c.ordering) == {"random", "discrepancy", "uncertainty"}
+    assert np.allclose(c.loc[c.step == 0, primary], cross[primary], equal_nan=True)
+    assert np.allclose(c.loc[c.step == 2, primary], res.new["new"]["self"][primary], equal_nan=True)
+    # compatibility matrix: old, copy, new on the primary metric
+    C = np.array(res.compat["C"], dtype=float)
+    assert res.compat["models"] == ["old", "copy", "new"] and C.shape == (3, 3)
+    assert np.allclose([C[0, 0], C[2, 0]], [res.old_old[primary], cross[primary]], equal_nan=True)
+    assert set(res.table.columns) >= {f"cross {primary}", "criterion", "update gain", "tax"}
+    json.dumps(res.to_json(), default=float)                                  # what the pipeline stores
+
+
+def test_benchmark_protocol_counts_follow_the_protocols(tmp_path, tiny_models):
+    "queries without anything to find are excluded (counted), junk and same-camera images are not retrieved"
+    old, new, _ = tiny_models
+    c = lambda name, **kw: ev.evaluate_protocol(name, old, {"new": new}, data_root=BENCH[name][0](tmp_path / name), refresh=False,
+                                                compat=False, cache_dir=tmp_path / "cache", **kw)
+    r = c("roxford5k").old_old
+    assert (r["n_queries"], r["n_excluded"]) == (4, 1)
+    r = c("gldv2", usage=["Private", "Public"])
+    assert (r.old_old["n_queries"], r.old_old["n_excluded"], r.info["n_queries"]) == (4, 1, 6 - 1)
+    assert c("gldv2").info["n_queries"] == 4                                  # default: Private only (3 landmarks + 1 excluded)
+    r = c("market1501")
+    assert r.old_old["n_queries"] == 4 and r.info["n_gallery"] == 4 * 3 + 3    # junk (-1) dropped, distractors kept
+    r = c("ijbc", image_size=32)
+    assert r.info["n_templates"] == 12 and r.info["n_genuine"] == 6 and r.old_old["G1_n_mated"] == 3
+    (tmp_path / "ijbc" / "IJBC" / "meta" / "ijbc_1N_probe_mixed.csv").unlink()              # the 1:N files are optional
+    r = ev.evaluate_protocol("ijbc", old, {"new": new}, data_root=tmp_path / "ijbc", image_size=32, refresh=False, cache_dir=tmp_path / "cache")
+    assert not r.info["one_to_n"] and "ijbc_1N_probe_mixed.csv" in r.info["note"] and "mean_rank-1" not in r.old_old
+    assert "TAR@FAR=0.0001" in r.old_old and "cross mean_rank-1" not in r.table.columns
+
+
+def test_benchmark_protocol_errors(tmp_path, tiny_models, monkeypatch):
+    old, new, wide = tiny_models
+    cache = tmp_path / "cache"
+    with pytest.raises(NotFoundError) as e:
+        ev.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope")
+    msg = str(e.value)
+    assert "Expected layout" in msg and "data_cards/gldv2.md" in msg and str(tmp_path / "nope") in msg
+    # data_root=None: $BCTNB_DATA/<protocol>
+    monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "home"))
+    with pytest.raises(NotFoundError, match=r"data_root=None reads \$BCTNB_DATA/ijbc"):
+        ev.evaluate_protocol("ijbc", old, {"new": new})
+    write_market1501(tmp_path / "home" / "market1501")
+    assert ev.evaluate_protocol("market1501", old, {"new": new}, refresh=False, cache_dir=cache).info["n_queries"] == 4
+    # another embedding dimension needs a declared transformation
+    rox = write_revisited(tmp_path / "rox")
+    with pytest.raises(ConfigError, match="needs a declared transformation"):
+        ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, cache_dir=cache)
+    r = ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, skip_incompatible=True, cache_dir=cache)
+    assert r.new["wide"]["cross"] is None and r.table.loc["wide", "criterion"] == "n/a (dims differ)" and r.refresh == {}
+    r = ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, gallery_transforms={"wide": lambda g: np.pad(g, ((0, 0), (0, 4)))},
+                             refresh_steps=1, refresh_seeds=(0,), cache_dir=cache)
+    assert r.new["wide"]["transformed"] and r.new["wide"]["cross"]["n_queries"] == 4 and set(r.refresh) == {"wide"}
+    # an empty database, an unknown protocol / metric / usage
+    empty = tmp_path / "empty"; (empty / "jpg").mkdir(parents=True)
+    import pickle
+    with open(empty / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump({"imlist": [], "qimlist": ["roxford5k_q_0"], "gnd": [{"bbx": [0, 0, 4, 4], "easy": [], "hard": [], "junk": []}]}, f)
+    with pytest.raises(ConfigError, match="gallery/database is empty"):
+        ev.evaluate_protocol("roxford5k", old, {"new": new}, data_root=empty, cache_dir=cache)
+    with pytest.raises(ConfigError, match="Did you mean 'market1501'"):
+        ev.evaluate_protocol("market1502", old, {"new": new})
+    with pytest.raises(ConfigError, match="choose one of: mAP, mP@1"):
+        ev.evaluate_protocol("roxford5k", old, {"new": new}, data_root=rox, metric="AUC", cache_dir=cache)
+    with pytest.raises(ConfigError, match="usage='Hidden'"):
+        ev.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope", usage="Hidden")
+    # IJB-C protocol files that do not match the image list
+    ij = write_ijbc(tmp_path / "ij")
+    (ij / "IJBC" / "meta" / "ijbc_1N_gallery_G2.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n999,4,x.jpg\n")
+    with pytest.raises(ConfigError, match="G2 template ids are not among the 12 templates"):
+        ev.evaluate_protocol("ijbc", old, {"new": new}, data_root=ij, image_size=32, cache_dir=cache)
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_papermill_ijbc(tmp_path):
+    "the pipeline on a benchmark: models trained elsewhere (synthetic) evaluated on a tiny IJB-C, one of them a bare model folder"
+    import papermill as pm
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    old, news = _fake_runs(tmp_path / "runs", methods=("independent", "l2"))
+    bare = save_tiny_model(tmp_path / "bare_model", dim=16, seed=3, meta={"method": "bare"})
+    ij = write_ijbc(tmp_path / "ijbc_data")
+    out = tmp_path / "eval"
+    pm.execute_notebook(str(root / "nbs" / "evaluate.ipynb"), str(tmp_path / "evaluate_ijbc_out.ipynb"), kernel_name="python3",
+                        cwd=str(root / "nbs"), progress_bar=False, execution_timeout=600,
+                        parameters=dict(old_run=str(old.path), new_runs=json.dumps([str(r.path) for r in news] + [str(bare)]),
+                                        protocol="ijbc", data_root=str(ij), protocol_kw=json.dumps({"image_size": 32}),
+                                        refresh_steps=2, refresh_seeds=[0], out_dir=str(out), cache_dir=str(tmp_path / "cache")))
+    (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
+    res = json.loads((ed / "evaluation.json").read_text())
+    assert res["protocol"] == "ijbc" and res["metric"] == "TAR@FAR=0.0001" and res["independent"] == "independent"
+    assert res["config"]["protocol_kw"] == {"image_size": 32} and res["data"]["n_templates"] == 12
+    assert set(res["new"]) == {"independent", "l2", "bare"} and res["new"]["bare"]["run"] == "bare_model"
+    assert IJBC_KEYS <= set(res["old/old"]) and set(res["new"]["l2"]["cross_swapped"]) == {f"TAR@FAR={f:g}" for f in ev.IJBC_FARS}
+    want = _library_cross("ijbc", ij, old.path, news[1].path, {"image_size": 32}, tmp_path / "cache")
+    for k in ("TAR@FAR=0.0001", "TAR@FAR=0.1", "mean_rank-1", "overall_rank-1"):
+        assert res["new"]["l2"]["cross"][k] == pytest.approx(want[k], abs=1e-6), k
+    assert res["new"]["l2"]["upgrade"]["criterion"] == (res["new"]["l2"]["cross"]["TAR@FAR=0.0001"] > res["old/old"]["TAR@FAR=0.0001"])
+    assert len(res["compat"]["C"]) == 4 and res["compat"]["metric"] == "TAR@FAR=0.0001"
+    assert {s["ordering"] for s in res["refresh"]["l2"]["summary"]} == {"random", "discrepancy", "uncertainty"}
+    for f in ("table.csv", "metrics.csv", "refresh_curves.csv", "refresh_summary.csv", "compat_matrix.csv", "refresh.png", "compat_matrix.png"):
+        assert (ed / f).exists(), f
+    assert json.loads((ed / "status.json").read_text())["status"] == "done"
