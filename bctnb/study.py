@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES',
-           'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method', 'plan_study', 'pair_verification', 'pair_metrics',
-           'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study', 'load_results', 'add_derived',
-           'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts', 'plot_cross_vs_old',
-           'plot_refresh_curves', 'write_report', 'default_methods', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
-           'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT',
+           'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method', 'plan_study', 'pair_verification',
+           'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study', 'load_results',
+           'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts', 'plot_cross_vs_old',
+           'plot_refresh_curves', 'write_report', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs',
+           'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -479,11 +479,19 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
     return out
 
 # %% ../nbs/08_study.ipynb #95fb03ca
-def default_methods() -> list[str]:
+TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["nccl:tau=0.05", "advbct:p2s_weight=10"]}
+
+def default_methods(scale: str | None = None) -> list[str]:
     """The methods the papers compare, each training a new backbone: every registered method except `fct` (a separate
-    stage after an independent model) and `contra` (RACT's ablation without new-to-new negatives; ask for it by name)"""
+    stage after an independent model) and `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
+    followed by the scale's tuned variants (`TUNED_VARIANTS`)"""
     from bctnb.losses import available_methods
-    return [m for m in available_methods() if m not in ("fct", "contra")]
+    return [m for m in available_methods() if m not in ("fct", "contra")] + tuned_variants(scale)
+
+def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = None) -> list[str]:
+    "The scale's tuned hyper-parameter variants (of `methods` only, when given)"
+    v = TUNED_VARIANTS.get(scale, []) if scale else []
+    return [m for m in v if methods is None or parse_method(m)[0] in methods]
 
 def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str = "", workers: int = 2,
               out_dir=None, run_root=None) -> Path:
