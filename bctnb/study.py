@@ -361,6 +361,10 @@ def verdicts(df: pd.DataFrame) -> list[str]:
             trust = "" if not math.isfinite(sd) else (" (gap larger than the seed spread)" if gap > sd else " (gap within the seed spread: not a reliable ranking)")
             nxt = f", ahead of {best.index[1]} by {gap:+.3f}" if len(best) > 1 else ""
             out.append(f"{pre} Highest cross-test mAP: **{lead}** ({best.iloc[0]:.3f}{nxt}){trust if len(best) > 1 else ''}.")
+            if "mixbct" in best.index and lead != "mixbct" and len(best) > 1:       # MixBCT's claim: it leads with a weak old model
+                k = list(best.index).index("mixbct") + 1
+                out.append(f"{pre} MixBCT ranks {k} of {len(best)} on cross-test mAP ({best['mixbct']:.3f}, "
+                           f"{best['mixbct'] - best.iloc[0]:+.3f} vs {lead}).")
     return out
 
 # %% ../nbs/08_study.ipynb #cda5c677
