@@ -183,14 +183,9 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
            "cross": pair_metrics(Q_n, G_x, lab, False), "gallery": "h(old)" if fct_epochs else "old",
            "n_test": int(len(lab)), "n_test_classes": int(len(np.unique(lab)))}
     if refresh:
-        from bctnb.evaluate import hot_refresh, loo_scorer, old_uncertainty
-        unc = None
+        from bctnb.evaluate import hot_refresh, loo_scorer, head_uncertainty
         _, old_head, _ = load_model(Path(old_run)/"model")      # the old classifier, for the uncertainty ordering
-        if old_head is not None:
-            W = old_head.weight.detach().float().numpy()
-            b = None if getattr(old_head, "bias", None) is None else old_head.bias.detach().float().numpy()
-            kind = "linear" if old_head.kind == "softmax" else "cosine"
-            unc = old_uncertainty(G_o, W, b, s=None if kind == "linear" else float(old_head.s), kind=kind)
+        unc = head_uncertainty(old_head, G_o) if old_head is not None else None
         res = hot_refresh(Q_n, G_x, Q_n, loo_scorer(lab), q_old=G_o, g_old_ref=G_o, steps=refresh_steps, seeds=refresh_seeds,
                           orderings=("random", "discrepancy") + (("uncertainty",) if unc is not None else ()), uncertainty=unc)
         out["refresh"] = {"curves": res.curves.to_dict(orient="list"), "summary": res.summary.to_dict(orient="records")}
