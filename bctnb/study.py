@@ -196,6 +196,19 @@ def result_path(study_dir, job: Job) -> Path: return Path(study_dir)/"runs"/f"{j
 
 _RUN_LOCKS, _RUN_LOCKS_GUARD = {}, threading.Lock()
 
+def _reuse_result(study_dir, job: Job, name: str) -> bool:
+    """Copy a finished result of the same job from a sibling study (`reports/*/runs/<job id>.json`), if there is one.
+    The job id hashes the training overrides, preset, role and old job, and the label names method, scenario, old variant
+    and seed, so an equal id is the same model under the same protocol. A job that needs the hot-refresh sweep only takes
+    a result that has one. The copy keeps `reused_from` (the study it came from)."""
+    for f in sorted(Path(study_dir).parent.glob(f"*/runs/{job.id}.json")):
+        if f.parent.parent.resolve() == Path(study_dir).resolve(): continue
+        r = load_json(f, "study result")
+        if job.refresh and "refresh" not in r.get("metrics", {}): continue
+        save_json(result_path(study_dir, job), {**r, "study": name, "reused_from": r.get("reused_from") or f.parent.parent.name})
+        return True
+    return False
+
 def _train(job: Job, old_dir, run_root) -> Path:
     """Train one job as a single-process torchrun job (returns at once if its run folder is already done).
     Jobs with the same training config (e.g. `independent` and `fct`) share one run: the second waits for the first."""
@@ -209,7 +222,9 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
     study_dir = Path(out_dir or project_root()/"reports"/name)
     (study_dir/"runs").mkdir(parents=True, exist_ok=True)
     check(isinstance(workers, int) and workers >= 1, f"workers={workers!r} must be a positive integer")
+    reused = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists() and _reuse_result(study_dir, j, name)]
     todo = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists()]
+    if reused: print(f"[study] {name}: {len(reused)} result(s) copied from other studies with the same job id (same configs, old model and protocol)")
     olds = {j.old.id: j.old for j in todo}
     old_dirs, failures = {}, {}
     bar = progress(total=len(olds) + len(todo), desc=f"{name}: train+eval", unit="model")
