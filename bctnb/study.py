@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT',
-           'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method', 'plan_study', 'pair_verification',
-           'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study', 'load_results',
-           'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts', 'plot_cross_vs_old',
-           'plot_refresh_curves', 'write_report', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs',
-           'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
+           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
+           'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
+           'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
+           'refresh_verdicts', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods',
+           'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry',
+           'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -391,6 +392,8 @@ def refresh_frames(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(),
             pd.concat(summ, ignore_index=True) if summ else pd.DataFrame())
 
+REFRESH_PAIRS = (("ract", "bct"), ("fct", "ract"), ("fct", "bct"))     # RACT's claim, then forward compatibility vs both
+
 def refresh_verdicts(summ: pd.DataFrame, a: str = "ract", b: str = "bct") -> list[str]:
     "Does method `a` have fewer negative flips than `b` during refresh (mean NFR over the β grid), per scenario and ordering?"
     out = []
@@ -460,7 +463,7 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
     if not curves.empty:
         plot_refresh_curves(curves); f = study_dir/"hot_refresh.png"; plt.savefig(f, dpi=110, bbox_inches="tight"); plt.close("all"); figs.append(f.name)
         summ.to_csv(study_dir/"hot_refresh_summary.csv", index=False)
-        rv = refresh_verdicts(summ)
+        rv = [v for a, b in REFRESH_PAIRS for v in refresh_verdicts(summ, a, b)]    # pairs with a method missing give none
     env = environment()
     wall = df["train_wall_s"].sum() + df.drop_duplicates("old_train_wall_s")["old_train_wall_s"].fillna(0).sum()
     seeds = sorted(set(df.seed))
