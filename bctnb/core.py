@@ -262,6 +262,16 @@ class Precision:
         if self.amp_dtype is None: return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def side_dtype(self) -> torch.dtype | None:
+        "Autocast dtype of side computations (frozen old forward, queue matmuls): the AMP dtype on CUDA, none (fp32) on CPU"
+        return self.amp_dtype if self.device.type == "cuda" else None
+
+    def side_autocast(self):
+        "Autocast context for side computations (see `side_dtype`)"
+        if self.side_dtype is None: return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.side_dtype)
+
     def scaler(self): return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
 
     def describe(self) -> str:

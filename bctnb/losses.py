@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 # %% auto #0
-__all__ = ['METHODS', 'SPLIT_KEYS', 'Batch', 'MethodContext', 'freeze', 'gather', 'rank0_first', 'projection_methods', 'Method',
-           'get_method', 'available_methods', 'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'RBT',
-           'LCE', 'unibct_refresh_epochs', 'UniBCT', 'soft_contrastive', 'nccl_filter', 'NCCL', 'grad_reverse',
-           'AdvBCT', 'floor_frac', 'MixBCT', 'ract_loss', 'RACT', 'Contra', 'BCTRACT', 'FCTTransform', 'train_fct',
-           'save_fct', 'load_fct', 'FCT', 'methods_table', 'new_run_config']
+__all__ = ['METHODS', 'SPLIT_KEYS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first',
+           'projection_methods', 'Method', 'get_method', 'available_methods', 'Independent', 'weakened_l2_loss',
+           'WeakenedL2', 'L2', 'BCT', 'RBT', 'LCE', 'unibct_refresh_epochs', 'UniBCT', 'soft_contrastive',
+           'nccl_filter', 'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac', 'MixBCT', 'ract_loss', 'RACT', 'Contra',
+           'BCTRACT', 'FCTTransform', 'train_fct', 'save_fct', 'load_fct', 'FCT', 'methods_table', 'new_run_config']
 
 # %% ../nbs/03_losses.ipynb #b3ba604c
 import numpy as np
@@ -78,6 +78,21 @@ def freeze(module: nn.Module | None) -> nn.Module | None:
     if module is None: return None
     for p in module.parameters(): p.requires_grad_(False)
     return module.eval()
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` for no-grad forwards, each Conv→BatchNorm pair folded into one convolution
+    (`torch.fx.experimental.optimization.fuse`). A module fx cannot trace is used unfolded, with a warning."""
+    import copy, warnings
+    from torch.fx.experimental.optimization import fuse
+    src = freeze(module)
+    cl = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in src.parameters())
+    try: out = fuse(src, inplace=False)
+    except Exception as e:                               # tracing fails on data-dependent control flow: same function, unfolded
+        warnings.warn(f"inference_copy: {type(src).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
+                      "the old model's online forward runs without BatchNorm folding (same result, slower)")
+        out = copy.deepcopy(src)
+    if cl: out = out.to(memory_format=torch.channels_last)
+    return freeze(out)
 
 def _dist():
     import torch.distributed as dist
@@ -222,8 +237,9 @@ class Method(nn.Module):
             raise ConfigError(f"method '{self.name}' was not set up with an old model; call method.setup(ctx) first")
         x = batch.images if rows is None else batch.images[rows]
         prec = self._old.get("precision")
-        with torch.no_grad(), (prec.autocast() if prec is not None else contextlib.nullcontext()):
-            return self._old["backbone"](x).float().detach()
+        if "fast" not in self._old: self._old["fast"] = inference_copy(self._old["backbone"])   # BN folded, made on first use
+        with torch.no_grad(), (prec.side_autocast() if prec is not None else contextlib.nullcontext()):
+            return self._old["fast"](x).float().detach()
 
     # --- the loss ----------------------------------------------------------------------------------------------------
     def cls_loss(self, batch: Batch) -> Tensor:
@@ -480,8 +496,8 @@ class NCCL(Method):
         super().setup(ctx)
         C, d_n = ctx.new_head.weight.shape; d_o = self.dims[0] or d_n
         dev = self._ctx_device
-        amp = getattr(ctx.precision, "amp_dtype", None)
-        dt = (amp or torch.float32) if self.queue_dtype == "auto" else getattr(torch, self.queue_dtype)
+        side = getattr(ctx.precision, "side_dtype", None)
+        dt = (side or torch.float32) if self.queue_dtype == "auto" else getattr(torch, self.queue_dtype)
         for k, v in dict(q=torch.zeros(self.K, int(d_o), device=dev, dtype=dt), z=torch.zeros(self.K, C, device=dev, dtype=dt),
                          ql=torch.full((self.K,), -1, dtype=torch.int64, device=dev),
                          valid=torch.zeros(self.K, dtype=torch.bool, device=dev)).items():
@@ -513,8 +529,8 @@ class NCCL(Method):
         if bool(self.valid[:n].all()): q, z, ql = self.q[:n], self.z[:n], self.ql[:n]   # valid slots are a prefix: views, no copy
         else: v = self.valid.nonzero().squeeze(1); q, z, ql = self.q[v], self.z[v], self.ql[v]
         prec = self._old.get("precision")
-        amp = prec.autocast if prec is not None else contextlib.nullcontext
-        if prec is None or prec.amp_dtype is None: q, z = q.float(), z.float()
+        amp = prec.side_autocast if prec is not None else contextlib.nullcontext
+        if prec is None or prec.side_dtype is None: q, z = q.float(), z.float()
         with torch.no_grad():
             pos = labels[:, None] == ql[None, :]
             if self.positives == "topk":
@@ -523,7 +539,7 @@ class NCCL(Method):
                 pos = pos & torch.zeros_like(pos).scatter_(1, oq.masked_fill(~pos, float("-inf")).topk(k, dim=1).indices, True)
             rows, cols = pos.nonzero(as_tuple=True)                # the positives: ≈ K/C per anchor
             w = (1 + (o_hat[rows].float() * q[cols].float()).sum(1)) / 2       # consensus weights w_ij = (1 + ô_i·q_j)/2
-        with amp():                                              # the two big matmuls follow the trainer's AMP
+        with amp():                                              # the two big matmuls: fp16 on CUDA, fp32 on CPU
             s_emb, s_disc = F.normalize(f.float(), dim=1) @ q.T, zn @ z.T
         return tuple(_ConsensusNLL.apply(x, rows, cols, w, float(self.tau)).mean() for x in (s_emb, s_disc))
 

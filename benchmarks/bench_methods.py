@@ -6,7 +6,7 @@ CPU-tier shapes: cpu_resnet at 32×32, dim 128, batch 128, a new ArcFace head ov
 (394 classes), NCCL queue K = 8192 (full, as at steady state). Methods are timed in interleaved rounds (median per-step time), so load from other
 processes on the machine hits all of them alike; the ratio uses the process CPU time of each step (one thread, so it is the
 step's compute and is barely affected by other processes on a shared machine), the wall time is reported too. Two old-feature sources are measured: `online` (φ_o on the augmented
-batch, the CPU-tier recipe with crops) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
+batch, the CPU-tier recipe with crops; a BatchNorm-folded copy of the old backbone in fp32, see `bctnb.losses.inference_copy`) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
 epoch-level cost, reported separately. Writes benchmarks/results/methods.json with the machine description.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_methods.py [--quick]
