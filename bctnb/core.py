@@ -16,7 +16,7 @@ __all__ = ['BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'cano
            'sha256_file', 'config_hash', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'Registry', 'check',
            'check_choice', 'check_range', 'Config', 'derive_seed', 'seed_everything', 'make_generator', 'rng_state',
            'set_rng_state', 'Precision', 'select_precision', 'available_devices', 'check_nproc', 'project_root',
-           'data_home', 'runs_home', 'environment', 'Run', 'RunRegistry', 'progress']
+           'data_home', 'runs_home', 'cpu_description', 'environment', 'Run', 'RunRegistry', 'progress']
 
 # %% ../nbs/00_core.ipynb #3439a752
 import numpy as np
@@ -317,12 +317,27 @@ def runs_home() -> Path:
     return Path(os.environ.get("BCTNB_RUNS") or project_root()/"runs").expanduser()
 
 # %% ../nbs/00_core.ipynb #cefb4d16
+def cpu_description() -> dict:
+    """CPU model, torch's CPU kernel level, and whether it has native bf16 units. Float results of the same code and seed
+    can differ between CPUs whose kernels differ (oneDNN dispatches on the instruction set, and bf16 is emulated without
+    AVX512-BF16/AMX), so a result records which CPU produced it."""
+    model, flags = platform.processor() or None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in (None, "", platform.machine()): model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
+    except OSError: pass
+    try: cap = torch.backends.cpu.get_cpu_capability()
+    except Exception: cap = None
+    return {"cpu_model": model, "cpu_capability": cap, "cpu_native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None}
+
 def environment() -> dict:
     "A description of the machine and software a result was produced on"
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
            "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
            "cpu_count": os.cpu_count(), "cuda": torch.version.cuda if torch.cuda.is_available() else None,
            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []}
+    env.update(cpu_description())
     try:
         from importlib.metadata import version
         env["bctnb"] = version("bctnb")
