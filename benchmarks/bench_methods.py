@@ -3,15 +3,16 @@ same batch, in one process, through the trainer's own `Trainee` (backbone forwar
 method, backward, SGD step). Targets (issue 5): ≤ 1.15× independent; NCCL and AdvBCT ≤ 1.35×.
 
 CPU-tier shapes: cpu_resnet at 32×32, dim 128, batch 128, a new ArcFace head over 919 classes, an old softmax model
-(394 classes), NCCL queue K = 8192 (full, as at steady state). Methods are timed in interleaved rounds (median per-step time), so load from other
-processes on the machine hits all of them alike; the ratio uses the process CPU time of each step (one thread, so it is the
+(394 classes), NCCL queue K = 8192 (full, as at steady state). Methods are timed in interleaved rounds, in a new random order each round, and a ratio is the median over rounds of
+the ratio to `independent` measured in the same round (its interquartile range over rounds is written too), so load
+from other processes on the machine hits all of them alike; the ratio uses the process CPU time of each step (one thread, so it is the
 step's compute and is barely affected by other processes on a shared machine), the wall time is reported too. Two old-feature sources are measured: `online` (φ_o on the augmented
 batch, the CPU-tier recipe with crops; a BatchNorm-folded copy of the old backbone in fp32, see `bctnb.losses.inference_copy`) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
 epoch-level cost, reported separately. Writes benchmarks/results/methods.json with the machine description.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_methods.py [--quick]
 """
-import argparse, os, statistics, sys, tempfile, time
+import argparse, os, random, statistics, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -80,19 +81,27 @@ def main(quick=False, amp=True):
             step, setup_s, epoch_s = build(name, source, n, c_new, c_old, b, dim, amp, cache)
             step(); step()                                  # warm-up
             runners[key] = step; info[key] = {"setup_s": round(setup_s, 3), "epoch_hook_s": round(epoch_s, 3)}
-    cpu, wall = {k: [] for k in runners}, {k: [] for k in runners}
+    # rounds: every method `steps` times, in a new (seeded) random order each round, so no method always runs right after
+    # the same neighbour; a method's ratio is the median over rounds of (its median step / independent's median step in
+    # the same round): paired within a round, so slow drifts of the machine cancel
+    cpu, wall = {k: [[] for _ in range(rounds)] for k in runners}, {k: [[] for _ in range(rounds)] for k in runners}
+    keys = list(runners)
     for r in range(rounds):
-        for k, step in runners.items():
+        for k in random.Random(r).sample(keys, len(keys)):
             for _ in range(steps):
-                t, c = time.perf_counter(), time.process_time(); step()
-                cpu[k].append(time.process_time() - c); wall[k].append(time.perf_counter() - t)
-    base, base_w = statistics.median(cpu["independent"]), statistics.median(wall["independent"])
+                t, c = time.perf_counter(), time.process_time(); runners[k]()
+                cpu[k][r].append(time.process_time() - c); wall[k][r].append(time.perf_counter() - t)
+    med = lambda d, k, r: statistics.median(d[k][r])
     rows = {}
     for k in runners:
-        med, med_w = statistics.median(cpu[k]), statistics.median(wall[k]); name = k.split(" ")[0]
-        target = TARGET.get(name, 1.15)
-        rows[k] = {"step_cpu_s": round(med, 4), "ratio": round(med / base, 3), "step_wall_s": round(med_w, 4),
-                   "ratio_wall": round(med_w / base_w, 3), "target": target, "ok": med / base <= target, **info[k]}
+        ratio = statistics.median(med(cpu, k, r) / med(cpu, "independent", r) for r in range(rounds))
+        ratio_w = statistics.median(med(wall, k, r) / med(wall, "independent", r) for r in range(rounds))
+        spread = [med(cpu, k, r) / med(cpu, "independent", r) for r in range(rounds)]
+        name = k.split(" ")[0]; target = TARGET.get(name, 1.15)
+        rows[k] = {"step_cpu_s": round(statistics.median(sum(cpu[k], [])), 4), "ratio": round(ratio, 3),
+                   "ratio_q25_q75": [round(q, 3) for q in statistics.quantiles(spread, n=4)[::2]] if rounds > 1 else None,
+                   "step_wall_s": round(statistics.median(sum(wall[k], [])), 4), "ratio_wall": round(ratio_w, 3),
+                   "target": target, "ok": ratio <= target, **info[k]}
     print(f"{'method':22s} {'cpu ms':>7s} {'ratio':>6s} {'wall ms':>8s} {'ratio':>6s} {'target':>6s}  ok   setup s  epoch-hook s")
     for k, r in rows.items():
         print(f"{k:22s} {1000 * r['step_cpu_s']:7.1f} {r['ratio']:6.3f} {1000 * r['step_wall_s']:8.1f} {r['ratio_wall']:6.3f} "
