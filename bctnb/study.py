@@ -16,9 +16,9 @@ __all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS
            'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
            'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
            'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
-           'refresh_verdicts', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report', 'default_methods',
-           'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry',
-           'paper_commands', 'paper_plan_or_refuse']
+           'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report',
+           'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home', 'export_zoo',
+           'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -411,6 +411,22 @@ def refresh_verdicts(summ: pd.DataFrame, a: str = "ract", b: str = "bct") -> lis
     return out
 
 # %% ../nbs/08_study.ipynb #55425178
+def provenance(study_dir) -> list[str]:
+    "Markdown bullets: how many of a study's results each (commit, torch, CPU) produced, with their scenarios and seeds"
+    rows = []
+    for f in sorted((Path(study_dir)/"runs").glob("*.json")):
+        r = load_json(f, "study result"); e = r.get("env", {})
+        rows.append({"commit": (e.get("git_commit") or "unknown")[:10], "torch": e.get("torch"),
+                     "cpu": e.get("cpu_model") or "CPU not recorded", "reused": r.get("reused_from"),
+                     "where": f"{r.get('scenario')}/s{r.get('seed')}"})
+    if not rows: return []
+    df = pd.DataFrame(rows).fillna({"reused": ""})
+    out = []
+    for (c, t, cpu, ru), g in df.groupby(["commit", "torch", "cpu", "reused"], sort=False):
+        where = ", ".join(sorted(set(g["where"])))
+        out.append(f"- {len(g)} run(s) at commit `{c}`, torch {t}, {cpu}" + (f", copied from `{ru}`" if ru else "") + f": {where}")
+    return out
+
 def plot_cross_vs_old(df: pd.DataFrame, metric: str = "mAP", ax=None):
     "Bar chart: cross-test per method (mean ± sd over seeds) against the old/old line, one panel per scenario"
     import matplotlib.pyplot as plt, seaborn as sns
@@ -488,8 +504,11 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
                   "against old/old top-1; AUC under the mAP curve.", "", _md(agg), ""]
     lines += ["## Figures", "", *[f"![{f}]({f})" for f in figs], "",
               "## Environment and cost", "",
-              f"- machine: {env['platform']}, {env['cpu_count']} cores, python {env['python']}, torch {env['torch']}, GPUs: {env['gpus'] or 'none'}",
-              f"- bctnb commit: {env.get('git_commit')}",
+              "Where the results were produced (from each run file's `env`; the same code and seed give different floats on "
+              "CPUs with different kernels, so a seed's models come from one old model trained on one machine):", "",
+              *provenance(study_dir), "",
+              f"- report rendered on: {env['platform']}, {env['cpu_count']} cores, python {env['python']}, torch {env['torch']}, "
+              f"GPUs: {env['gpus'] or 'none'}, bctnb commit {env.get('git_commit')}",
               f"- total training wall time: {wall / 60:.1f} min (sum over models; runs execute two at a time)", ""]
     out = study_dir/"README.md"
     out.write_text("\n".join(lines))
