@@ -489,9 +489,13 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
              "## Verdicts", "", *[f"- {s}" for s in verdicts(df) + rv], "",
              "Pass marks: ✓ criterion (cross > old/old, strict) met in every seed, ✗ in none, ~ in some; counts are passes/seeds. "
              "Values are mean ± sample std over seeds; `cross−old` is the paired per-seed difference.", ""]
-    if len(seeds) < 3:
-        lines += [f"**Caution:** only {len(seeds)} seed(s). The CPU-tier trial found cross − old/old margins of +0.01 to +0.03 mAP, "
-                  "the size of seed-to-seed noise; single-seed verdicts are not reliable.", ""]
+    few = df.groupby(["old_variant", "scenario"], sort=False)["seed"].nunique()
+    few = few[few < 3]
+    if len(few):
+        which = "all rows" if len(few) == df.groupby(["old_variant", "scenario"]).ngroups else \
+            ", ".join(f"{sc} ({v} old model): {n} seed(s)" for (v, sc), n in few.items())
+        lines += [f"**Caution — fewer than 3 seeds:** {which}. The CPU-tier trial found cross − old/old margins of +0.01 to +0.03 mAP, "
+                  "the size of seed-to-seed noise; verdicts from one or two seeds are not reliable.", ""]
     show = ["old_variant", "scenario", "method", "seeds"]
     lines += ["## Cross-test and compatibility", "", _md(tab[show + [c for c in tab.columns if c.startswith(("old/old", "cross "))]]), "",
               "## Criterion per metric, paired differences", "", _md(tab[show + [c for c in tab.columns if c.startswith(("pass", "cross−old"))]]), "",
