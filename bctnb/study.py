@@ -216,7 +216,23 @@ def _train(job: Job, old_dir, run_root) -> Path:
     from bctnb.launch import torchrun
     cfg = job.config(old_dir)
     with _RUN_LOCKS_GUARD: lock = _RUN_LOCKS.setdefault(cfg.hash(), threading.Lock())
-    with lock: return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False)
+    with lock:
+        _from_zoo(cfg, run_root)
+        return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False)
+
+def _from_zoo(cfg, run_root=None, zoo=None) -> bool:
+    """Copy a finished run with exactly this config from the model zoo into the run root, if the root lacks it.
+    A fresh checkout has no `runs/`, but the zoo keeps seed-0 old models: a later sitting that adds runs to a block whose
+    old model is in the zoo continues with *that* old model (re-training it on another CPU would give other floats)."""
+    import shutil
+    from bctnb.core import runs_home
+    rid = f"{cfg.run_name}-{cfg.hash()}"
+    src, dst = Path(zoo or zoo_home())/rid, Path(run_root or runs_home())/rid
+    if (dst/"config.json").exists() or not (src/"status.json").exists(): return False
+    if load_json(src/"status.json", "run status").get("status") != "done": return False
+    shutil.copytree(src, dst)
+    print(f"[study] {rid}: finished run taken from the model zoo ({src})")
+    return True
 
 def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, workers: int = 2, on_result: Callable | None = None) -> pd.DataFrame:
     "Train and evaluate every job not yet done; returns the table of all results present for this study"
