@@ -257,10 +257,13 @@ class Precision:
     use_scaler: bool
     backend: str
 
+    def _autocast(self, dtype):
+        if dtype is None: return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     def autocast(self):
         "Autocast context for the forward pass (a no-op when AMP is off)"
-        if self.amp_dtype is None: return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return self._autocast(self.amp_dtype)
 
     @property
     def side_dtype(self) -> torch.dtype | None:
@@ -269,8 +272,7 @@ class Precision:
 
     def side_autocast(self):
         "Autocast context for side computations (see `side_dtype`)"
-        if self.side_dtype is None: return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.side_dtype)
+        return self._autocast(self.side_dtype)
 
     def scaler(self): return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
 

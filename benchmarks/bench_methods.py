@@ -94,9 +94,9 @@ def main(quick=False, amp=True):
     med = lambda d, k, r: statistics.median(d[k][r])
     rows = {}
     for k in runners:
-        ratio = statistics.median(med(cpu, k, r) / med(cpu, "independent", r) for r in range(rounds))
-        ratio_w = statistics.median(med(wall, k, r) / med(wall, "independent", r) for r in range(rounds))
         spread = [med(cpu, k, r) / med(cpu, "independent", r) for r in range(rounds)]
+        ratio = statistics.median(spread)
+        ratio_w = statistics.median(med(wall, k, r) / med(wall, "independent", r) for r in range(rounds))
         name = k.split(" ")[0]; target = TARGET.get(name, 1.15)
         rows[k] = {"step_cpu_s": round(statistics.median(sum(cpu[k], [])), 4), "ratio": round(ratio, 3),
                    "ratio_q25_q75": [round(q, 3) for q in statistics.quantiles(spread, n=4)[::2]] if rounds > 1 else None,
