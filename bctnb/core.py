@@ -6,7 +6,7 @@ Docs: https://bctnb.github.io/bctnb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #29ff54c2
 from __future__ import annotations
-import contextlib, dataclasses, datetime, difflib, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, types, typing
+import contextlib, dataclasses, datetime, difflib, functools, hashlib, json, math, os, platform, random, subprocess, sys, tempfile, types, typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,8 +15,8 @@ from typing import Any, Iterable
 __all__ = ['BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json', 'sha256_bytes',
            'sha256_file', 'config_hash', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'Registry', 'check',
            'check_choice', 'check_range', 'Config', 'derive_seed', 'seed_everything', 'make_generator', 'rng_state',
-           'set_rng_state', 'Precision', 'select_precision', 'available_devices', 'check_nproc', 'project_root',
-           'data_home', 'runs_home', 'cpu_description', 'environment', 'Run', 'RunRegistry', 'progress']
+           'set_rng_state', 'cpu_description', 'Precision', 'select_precision', 'available_devices', 'check_nproc',
+           'project_root', 'data_home', 'runs_home', 'environment', 'Run', 'RunRegistry', 'progress']
 
 # %% ../nbs/00_core.ipynb #3439a752
 import numpy as np
@@ -248,6 +248,28 @@ def set_rng_state(st: dict):
     random.setstate(st["python"]); np.random.set_state(st["numpy"]); torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
+# %% ../nbs/00_core.ipynb #5e1a7c2b
+@functools.lru_cache(maxsize=None)
+def _cpu_info() -> tuple:
+    model, flags = platform.processor() or None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in (None, "", platform.machine()): model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
+    except OSError: pass
+    try: cap = torch.backends.cpu.get_cpu_capability()
+    except Exception: cap = None
+    return (("cpu_model", model), ("cpu_capability", cap),
+            ("cpu_native_bf16", bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None))
+
+def cpu_description() -> dict:
+    """CPU model, torch's CPU kernel level, and whether it has native bf16 units (read once per process). Float results of
+    the same code and seed can differ between CPUs whose kernels differ (oneDNN dispatches on the instruction set, and
+    bf16 is emulated without AVX512-BF16/AMX), so a result records which CPU produced it; `Precision.side_dtype` uses
+    the last field."""
+    return dict(_cpu_info())
+
+
 # %% ../nbs/00_core.ipynb #19d875a9
 @dataclass(frozen=True)
 class Precision:
@@ -256,6 +278,7 @@ class Precision:
     amp_dtype: torch.dtype | None
     use_scaler: bool
     backend: str
+    native_lowp: bool | None = None   # the device computes `amp_dtype` natively; None: CUDA yes, CPU if it has AMX/AVX512-BF16
 
     def _autocast(self, dtype):
         if dtype is None: return contextlib.nullcontext()
@@ -267,8 +290,10 @@ class Precision:
 
     @property
     def side_dtype(self) -> torch.dtype | None:
-        "Autocast dtype of side computations (frozen old forward, queue matmuls): the AMP dtype on CUDA, none (fp32) on CPU"
-        return self.amp_dtype if self.device.type == "cuda" else None
+        "Autocast dtype of side computations (frozen old forward, queue matmuls): the AMP dtype where the device computes it natively, else none (fp32)"
+        native = self.native_lowp
+        if native is None: native = self.device.type == "cuda" or bool(cpu_description()["cpu_native_bf16"])
+        return self.amp_dtype if native else None
 
     def side_autocast(self):
         "Autocast context for side computations (see `side_dtype`)"
@@ -319,20 +344,6 @@ def runs_home() -> Path:
     return Path(os.environ.get("BCTNB_RUNS") or project_root()/"runs").expanduser()
 
 # %% ../nbs/00_core.ipynb #cefb4d16
-def cpu_description() -> dict:
-    """CPU model, torch's CPU kernel level, and whether it has native bf16 units. Float results of the same code and seed
-    can differ between CPUs whose kernels differ (oneDNN dispatches on the instruction set, and bf16 is emulated without
-    AVX512-BF16/AMX), so a result records which CPU produced it."""
-    model, flags = platform.processor() or None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in (None, "", platform.machine()): model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
-    except OSError: pass
-    try: cap = torch.backends.cpu.get_cpu_capability()
-    except Exception: cap = None
-    return {"cpu_model": model, "cpu_capability": cap, "cpu_native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None}
-
 def environment() -> dict:
     "A description of the machine and software a result was produced on"
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 __all__ = ['METHODS', 'SPLIT_KEYS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first',
            'projection_methods', 'Method', 'get_method', 'available_methods', 'Independent', 'weakened_l2_loss',
            'WeakenedL2', 'L2', 'BCT', 'RBT', 'LCE', 'unibct_refresh_epochs', 'UniBCT', 'soft_contrastive',
-           'nccl_filter', 'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac', 'MixBCT', 'ract_loss', 'RACT', 'Contra',
-           'BCTRACT', 'FCTTransform', 'train_fct', 'save_fct', 'load_fct', 'FCT', 'methods_table', 'new_run_config']
+           'same_label_pairs', 'nccl_filter', 'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac', 'MixBCT', 'ract_loss',
+           'RACT', 'Contra', 'BCTRACT', 'FCTTransform', 'train_fct', 'save_fct', 'load_fct', 'FCT', 'methods_table',
+           'new_run_config']
 
 # %% ../nbs/03_losses.ipynb #b3ba604c
 import numpy as np
@@ -443,6 +444,16 @@ def soft_contrastive(sim: Tensor, pos: Tensor, w: Tensor, tau: float = 1.0) -> T
     rows, cols = pos.nonzero(as_tuple=True)
     return _ConsensusNLL.apply(sim, rows, cols, w[rows, cols].float(), tau).mean()
 
+def same_label_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of every pair with a[i] == b[j], in row-major order — what `(a[:, None] == b[None]).nonzero()`
+    returns — from a stable sort of `b`: O(K log K + pairs) instead of a len(a) × K comparison and scan"""
+    sb, order = torch.sort(b, stable=True)
+    lo, hi = torch.searchsorted(sb, a), torch.searchsorted(sb, a, right=True)
+    cnt = hi - lo
+    rows = torch.repeat_interleave(torch.arange(len(a), device=a.device), cnt)
+    first = torch.repeat_interleave(lo - (cnt.cumsum(0) - cnt), cnt)        # where each row's run starts in `sb`
+    return rows, order[first + torch.arange(len(rows), device=a.device)]
+
 class _ConsensusNLL(torch.autograd.Function):
     """Row-wise −(1/n_i)(Σ_{j∈M_i} w_ij s_ij − (Σ_{j∈M_i} w_ij)·logsumexp_j s_ij), s = sim/τ, in fp32. The positives
     (rows, cols, w) are sparse (≈ K/C per anchor), so the weighted sum is a gather; the backward is
@@ -532,14 +543,15 @@ class NCCL(Method):
         amp = prec.side_autocast if prec is not None else contextlib.nullcontext
         if prec is None or prec.side_dtype is None: q, z = q.float(), z.float()
         with torch.no_grad():
-            pos = labels[:, None] == ql[None, :]
             if self.positives == "topk":
+                pos = labels[:, None] == ql[None, :]
                 with amp(): oq = (o_hat @ q.T).float()
                 k = min(int(self.k_pos), oq.shape[1])
                 pos = pos & torch.zeros_like(pos).scatter_(1, oq.masked_fill(~pos, float("-inf")).topk(k, dim=1).indices, True)
-            rows, cols = pos.nonzero(as_tuple=True)                # the positives: ≈ K/C per anchor
+                rows, cols = pos.nonzero(as_tuple=True)
+            else: rows, cols = same_label_pairs(labels, ql)        # the positives: ≈ K/C per anchor
             w = (1 + (o_hat[rows].float() * q[cols].float()).sum(1)) / 2       # consensus weights w_ij = (1 + ô_i·q_j)/2
-        with amp():                                              # the two big matmuls: fp16 on CUDA, fp32 on CPU
+        with amp():                                              # the two big matmuls: side dtype (Precision.side_dtype)
             s_emb, s_disc = F.normalize(f.float(), dim=1) @ q.T, zn @ z.T
         return tuple(_ConsensusNLL.apply(x, rows, cols, w, float(self.tau)).mean() for x in (s_emb, s_disc))
 
