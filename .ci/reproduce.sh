@@ -18,8 +18,11 @@ run_nb() {  # run_nb NOTEBOOK OUTDIR [papermill args...]
   ran=$((ran+1))
 }
 if [ "$scale" = quick ]; then
-  # open-class + extended-class, every method, seed 0, hot refresh for BCT and RACT (reports/unibct_quick/README.md)
-  run_nb reproduce_unibct reports/unibct_quick -p scale quick
+  # open-class + extended-class, every method, seed 0, hot refresh for BCT and RACT, trained from nothing into
+  # reports/local/unibct_quick/ (not committed) and checked run by run against the committed reports/unibct_quick/
+  out=reports/local/unibct_quick
+  run_nb reproduce_unibct "$out" -p scale quick -p out_dir "$PWD/$out" -p reference "$PWD/reports/unibct_quick"
+  echo "report: $out/README.md (its last section compares every number with reports/unibct_quick/)"
 else
   for s in unibct mixbct hot_refresh; do run_nb "reproduce_$s" "reports/${s}_cpu" -p scale cpu; done
 fi

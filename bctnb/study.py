@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'REFRESH_PAIRS', 'SIDES', 'TUNED_VARIANTS',
            'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
            'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
            'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
            'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report',
-           'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home', 'export_zoo',
-           'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
+           'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
+           'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -478,8 +478,8 @@ def _md(df: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
     return "\n".join(lines)
 
-def write_report(name: str, study_dir=None, title: str | None = None, intro: str = "", scale: str = "") -> Path:
-    "Render README.md, CSVs and figures for a study from its result files"
+def write_report(name: str, study_dir=None, title: str | None = None, intro: str = "", scale: str = "", reference=None) -> Path:
+    "Render README.md, CSVs and figures for a study from its result files (with a check against the study in `reference`, if given)"
     import matplotlib.pyplot as plt
     study_dir = Path(study_dir or project_root()/"reports"/name)
     df = load_results(study_dir)
@@ -530,9 +530,45 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
               f"- report rendered on: {env['platform']}, {env['cpu_count']} cores, python {env['python']}, torch {env['torch']}, "
               f"GPUs: {env['gpus'] or 'none'}, bctnb commit {env.get('git_commit')}",
               f"- total training wall time: {wall / 60:.1f} min (sum over models; runs execute two at a time)", ""]
+    if reference is not None:
+        long, check = reference_check(study_dir, reference); long.to_csv(study_dir/"reference_check.csv", index=False)
+        lines += [f"## Reproduction check against `{reference}`", "", *check, "",
+                  "Every metric next to the reference's: `reference_check.csv`.", ""]
     out = study_dir/"README.md"
     out.write_text("\n".join(lines))
     return out
+
+# %% ../nbs/08_study.ipynb #7c1e0a56
+SIDES = ("old/old", "self", "cross")
+
+def reference_check(study_dir, ref_dir, atol: float = 1e-9) -> tuple[pd.DataFrame, list[str]]:
+    "Per-run metrics of `study_dir` next to those of `ref_dir` (runs paired by job id), and Markdown lines summarising them"
+    new, ref = load_results(study_dir), load_results(ref_dir)
+    if ref.empty: raise NotFoundError(f"no reference results in {Path(ref_dir)/'runs'}; pass the folder of a study that has run (e.g. reports/unibct_quick)")
+    cols, key = [f"{s}:{m}" for s in SIDES for m in METRICS], ["job", "method", "scenario", "seed"]
+    both = new.merge(ref[["job", *cols]], on="job", suffixes=("", " ref"))
+    long = both.melt(id_vars=key, value_vars=cols, var_name="metric", value_name="value")
+    long["reference"] = both.melt(id_vars=key, value_vars=[f"{c} ref" for c in cols])["value"].to_numpy()
+    long["diff"] = long["value"] - long["reference"]
+    same = long["diff"].abs() <= atol
+    lines = [f"- {len(both)} of {len(new)} runs here have a reference run with the same job id in `{Path(ref_dir).name}` "
+             f"({len(set(new.job) - set(ref.job))} only here, {len(set(ref.job) - set(new.job))} only in the reference)."]
+    if len(both):
+        lines.append(f"- {int(same.sum())} of {len(long)} numbers are identical (|Δ| ≤ {atol:g})" +
+                     (": **reproduced exactly**." if same.all() else "."))
+        ja, jr = add_derived(new[new.job.isin(both.job)]).set_index("job"), add_derived(ref[ref.job.isin(both.job)]).set_index("job")
+        agree = {m: int((ja[f"pass:{m}"] == jr.loc[ja.index, f"pass:{m}"]).sum()) for m in METRICS}
+        lines.append("- Verdict cross > old/old agrees with the reference in " +
+                     ", ".join(f"{agree[m]}/{len(ja)} runs on {m}" for m in METRICS) + ".")
+        if not same.all():
+            g = long.assign(a=long["diff"].abs()).groupby("metric")["a"]
+            med, mx = g.median(), g.max()
+            lines.append("- |Δ| per metric, median / max: " + ", ".join(f"{c} {med[c]:.4f} / {mx[c]:.4f}" for c in cols) + ".")
+            w = long.loc[long["diff"].abs().idxmax()]
+            lines.append(f"- Largest: {w.metric} of {w.method} ({w.scenario}, seed {w.seed}): {w.value:.4f} here vs {w.reference:.4f}.")
+    lines += ["- Produced here:", *["  " + s for s in provenance(study_dir)], "- Reference:", *["  " + s for s in provenance(ref_dir)]]
+    return long, lines
+
 
 # %% ../nbs/08_study.ipynb #95fb03ca
 TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["nccl:tau=0.05", "advbct:p2s_weight=10"]}
@@ -550,11 +586,13 @@ def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = Non
     return [m for m in v if methods is None or parse_method(m)[0] in methods]
 
 def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str = "", workers: int = 2,
-              out_dir=None, run_root=None) -> Path:
-    "Run the study's missing jobs and write its report; returns the report path"
+              out_dir=None, run_root=None, reference=None) -> Path:
+    "Run the study's missing jobs and write its report (checked against the study in `reference`, if given); returns the report path"
     study_dir = Path(out_dir or project_root()/"reports"/name)
+    if reference is not None and Path(reference).resolve() == study_dir.resolve():
+        raise ConfigError(f"reference={reference} is the study's own folder; write the study elsewhere (out_dir) to compare it with its reference")
     run_study(name, jobs, study_dir, run_root, workers)
-    return write_report(name, study_dir, title, intro, scale)
+    return write_report(name, study_dir, title, intro, scale, reference)
 
 SWEEP_NCCL = ["independent", "nccl", "nccl:tau=0.1", "nccl:tau=0.05"]
 SWEEP_ADVBCT = ["advbct", "advbct:T=0.4", "advbct:p2s_weight=10", "advbct:normalize_disc=true",

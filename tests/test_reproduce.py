@@ -65,6 +65,25 @@ def test_rerun_skips_finished_runs(tmp_path, runs, capsys):
     assert second.equals(first)
 
 
+@pytest.mark.slow
+def test_reproduce_checks_against_reference(tmp_path, runs):
+    """`make reproduce`'s check: a second study of the same jobs in another folder, compared run by run with the first.
+    The folders have different parents, so the second evaluates the (already trained) models itself instead of copying
+    the first one's result files; evaluation is deterministic, so every number must match."""
+    from bctnb.core import ConfigError
+    from bctnb.study import plan_study, reproduce
+    jobs = plan_study("smoke", ["open-class"], ["independent", "l2"], dataset="synthetic", dataset_kw={"num_classes": 40, "per_class": 6})
+    ref, again = tmp_path / "a" / "ref", tmp_path / "b" / "again"
+    reproduce("reftest", jobs, "smoke", "ref", out_dir=ref, run_root=runs)
+    readme = reproduce("reftest", jobs, "smoke", "again", out_dir=again, run_root=runs, reference=ref).read_text()
+    assert "## Reproduction check against" in readme and "2 of 2 runs here" in readme, readme
+    assert "18 of 18 numbers are identical" in readme and "reproduced exactly" in readme, readme
+    assert "reused_from" not in (again / "runs" / sorted(p.name for p in (again / "runs").glob("*.json"))[0]).read_text()
+    assert (again / "reference_check.csv").exists()
+    with pytest.raises(ConfigError, match="own folder"):
+        reproduce("reftest", jobs, "smoke", "ref", out_dir=ref, run_root=runs, reference=ref)
+
+
 # ---------------------------------------------------------------- the committed model zoo (reports/model_zoo*)
 def _zoo_rows():
     import re
