@@ -16,9 +16,9 @@ __all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS
            'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
            'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
            'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
-           'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'write_report',
-           'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
-           'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
+           'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'old_model_table',
+           'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs',
+           'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -252,7 +252,7 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         if j.old.id not in old_dirs: raise BctnbError(f"old model {j.old.label} failed; see the failure above")
         t = time.time()
         d = _train(j, old_dirs[j.old.id], run_root)
-        wall = time.time() - t
+        wall = Run(d).status.get("wall_s") or time.time() - t   # the model's own training time (≈ 0 s waited for a run already done)
         cfg = j.config(old_dirs[j.old.id])
         ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, fct_epochs=j.fct_epochs)
         res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
@@ -478,6 +478,20 @@ def _md(df: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
     return "\n".join(lines)
 
+def old_model_table(tab: pd.DataFrame) -> pd.DataFrame:
+    """The MixBCT paper's layout of a `summary_table`: a row per (scenario, method), the old model first (its own test in
+    the self columns), and for each old model its self- and cross-test columns side by side"""
+    variants = list(dict.fromkeys(tab.old_variant))
+    cols = [f"{v} {side} {m}" for v in variants for side in ("self", "cross") for m in METRICS]
+    rows = []
+    for sc, g in tab.groupby("scenario", sort=False):
+        first = g.drop_duplicates("old_variant").set_index("old_variant")
+        rows.append({"scenario": sc, "method": "old/old", **{f"{v} self {m}": first.loc[v, f"old/old {m}"] for v in first.index for m in METRICS}})
+        for meth, h in g.groupby("method", sort=False):
+            rows.append({"scenario": sc, "method": meth, **{f"{x.old_variant} {side} {m}": x[f"{side} {m}"]
+                                                             for _, x in h.iterrows() for side in ("self", "cross") for m in METRICS}})
+    return pd.DataFrame(rows, columns=["scenario", "method", *cols]).fillna("–")
+
 def write_report(name: str, study_dir=None, title: str | None = None, intro: str = "", scale: str = "", reference=None) -> Path:
     "Render README.md, CSVs and figures for a study from its result files (with a check against the study in `reference`, if given)"
     import matplotlib.pyplot as plt
@@ -517,6 +531,10 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
               "## Criterion per metric, paired differences", "", _md(tab[show + [c for c in tab.columns if c.startswith(("pass", "cross−old"))]]), "",
               "## Self-test, update gain, compatibility tax", "",
               _md(tab[show + [c for c in tab.columns if c.startswith(("self", "update", "tax", "train"))]]), ""]
+    if tab.old_variant.nunique() > 1:
+        lines += ["## Per old model (the MixBCT paper's layout)", "", "Rows: methods, the old model first (its own test in the self "
+                  "columns); columns: each old model's self-test (new/new) and cross-test (new query → old gallery).", "",
+                  _md(old_model_table(tab)), ""]
     if not summ.empty:
         agg = summ.groupby(["scenario", "method", "ordering"]).agg(auc=("auc", "mean"), nfr_mean=("nfr_mean", "mean"), nfr0=("nfr0", "mean"),
                                                                   regression_depth=("regression_depth", "mean"), dips=("dips", "mean")).reset_index().round(4)
