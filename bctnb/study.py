@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'REFRESH_PAIRS', 'SIDES', 'TUNED_VARIANTS',
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
            'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
            'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
            'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
@@ -286,6 +286,7 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
 
 # %% ../nbs/08_study.ipynb #6c46adad
 METRICS = ("mAP", "R@1", "TAR")
+SIDES = ("old/old", "self", "cross")           # old query → old gallery, new → new, new query → old gallery
 
 def load_results(study_dir) -> pd.DataFrame:
     "One row per finished new-model job: tags plus old/old, self and cross metrics"
@@ -293,7 +294,7 @@ def load_results(study_dir) -> pd.DataFrame:
     for f in sorted((Path(study_dir)/"runs").glob("*.json")):
         r = load_json(f, "study result")
         row = {k: r.get(k) for k in ("job", "label", "method", "scenario", "seed", "old_variant", "train_wall_s", "old_train_wall_s")}
-        for side in ("old/old", "self", "cross"):
+        for side in SIDES:
             for k, v in r["metrics"][side].items(): row[f"{side}:{k}"] = v
         rows.append(row)
     return pd.DataFrame(rows)
@@ -557,8 +558,6 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
     return out
 
 # %% ../nbs/08_study.ipynb #7c1e0a56
-SIDES = ("old/old", "self", "cross")
-
 def reference_check(study_dir, ref_dir, atol: float = 1e-9) -> tuple[pd.DataFrame, list[str]]:
     "Per-run metrics of `study_dir` next to those of `ref_dir` (runs paired by job id), and Markdown lines summarising them"
     new, ref = load_results(study_dir), load_results(ref_dir)
