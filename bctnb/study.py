@@ -710,7 +710,7 @@ def check_zoo_entry(result_json, zoo=None, atol: float = 1e-4) -> dict:
             raise NotFoundError(f"zoo model {zdir/run} is missing: export it with bctnb.study.export_zoo([...]) or use a run folder")
     cfg = TrainConfig(**{**r["config"], "old_run": str(zdir/r["old_run"])})
     got = evaluate_pair(zdir/r["old_run"], zdir/r["new_run"], cfg)
-    for side in ("old/old", "self", "cross"):
+    for side in SIDES:
         for k, v in r["metrics"][side].items():
             if abs(got[side][k] - v) > atol:
                 raise IntegrityError(f"zoo pair {r['label']}: {side} {k} = {got[side][k]:.6f} but the committed result says {v:.6f}")
