@@ -551,7 +551,9 @@ def write_report(name: str, study_dir=None, title: str | None = None, intro: str
               f"- total training wall time: {wall / 60:.1f} min (sum over models; runs execute two at a time)", ""]
     if reference is not None:
         long, check = reference_check(study_dir, reference); long.to_csv(study_dir/"reference_check.csv", index=False)
-        lines += [f"## Reproduction check against `{reference}`", "", *check, "",
+        shown = Path(reference).resolve()
+        shown = shown.relative_to(project_root()) if shown.is_relative_to(project_root()) else shown
+        lines += [f"## Reproduction check against `{shown}`", "", *check, "",
                   "Every metric next to the reference's: `reference_check.csv`.", ""]
     out = study_dir/"README.md"
     out.write_text("\n".join(lines))
