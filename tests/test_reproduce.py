@@ -110,3 +110,24 @@ def test_model_zoo_pair_reproduces_the_committed_numbers():
     got = check_zoo_entry(f)                                           # raises if any metric differs by > 1e-4
     committed = json.loads(f.read_text())["metrics"]
     assert got["cross"]["mAP"] == pytest.approx(committed["cross"]["mAP"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path):
+    """A reader who evaluates the zoo's seed-0 L2 pair with the generic `evaluate.ipynb` (protocol `retrieval`) gets the
+    numbers of the committed study report: the study and the evaluate notebook measure the same thing the same way."""
+    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob("l2_open-class_softmax128_s0-*.json"))
+    r = json.loads(f.read_text())
+    zoo = ROOT / "reports" / "model_zoo"
+    out = tmp_path / "eval"
+    _papermill("evaluate.ipynb", tmp_path / "evaluate_out.ipynb", old_run=str(zoo / r["old_run"]),
+               new_runs=json.dumps([str(zoo / r["new_run"])]), refresh_steps=2, refresh_seeds=[0], out_dir=str(out),
+               cache_dir=str(tmp_path / "cache"))
+    (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
+    res = json.loads((ed / "evaluation.json").read_text())
+    committed = r["metrics"]
+    assert res["n_test"] == committed["n_test"] and res["n_test_classes"] == committed["n_test_classes"]
+    got = {"old/old": res["old/old"], "self": res["new"]["l2"]["self"], "cross": res["new"]["l2"]["cross"]}
+    for side in ("old/old", "self", "cross"):
+        for m in ("mAP", "R@1", "R@5", "R@10"):
+            assert got[side][m] == pytest.approx(committed[side][m], abs=1e-4), (side, m)
