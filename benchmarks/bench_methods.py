@@ -7,7 +7,7 @@ CPU-tier shapes: cpu_resnet at 32×32, dim 128, batch 128, a new ArcFace head ov
 the ratio to `independent` measured in the same round (its interquartile range over rounds is written too), so load
 from other processes on the machine hits all of them alike; the ratio uses the process CPU time of each step (one thread, so it is the
 step's compute and is barely affected by other processes on a shared machine), the wall time is reported too. Two old-feature sources are measured: `online` (φ_o on the augmented
-batch, the CPU-tier recipe with crops; a BatchNorm-folded copy of the old backbone in fp32, see `bctnb.losses.inference_copy`) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
+batch, the CPU-tier recipe with crops; a BatchNorm-folded copy of the old backbone in the side dtype, `Method.old_feats`) and `cached` (flip-only augmentation, the face recipe). UniBCT's refresh is an
 epoch-level cost, reported separately. Writes benchmarks/results/methods.json with the machine description.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_methods.py [--quick]
@@ -22,7 +22,7 @@ import torch
 
 from bctnb.core import environment, save_json, select_precision
 from bctnb.data import ArrayDataset, BatchAugment
-from bctnb.losses import MethodContext, available_methods, get_method, inference_copy
+from bctnb.losses import Batch, MethodContext, available_methods, get_method
 from bctnb.models import create_backbone, create_head
 from bctnb.train import Trainee
 
@@ -44,8 +44,9 @@ def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0):
     ctx = MethodContext(old_backbone=old, old_head=old_head, old_info={"label_map": old_classes, "dim": dim},
                         new_backbone=new, new_head=head, train_set=ds, train_global_labels=labels, precision=prec,
                         seed=seed, augment=aug, epochs=25, steps_per_epoch=n // b, batch_size=b, cache_dir=cache)
-    kw = {"old_source": source} if name != OLD_FORWARD and "old_source" in get_method(name).hparams else {}
-    m = get_method("independent" if name == OLD_FORWARD else name, **kw)
+    # the old forward alone is timed through an online method's own `old_feats` (L2's: it adds nothing to the forward)
+    if name == OLD_FORWARD: m = get_method("l2", old_source="online")
+    else: m = get_method(name, **({"old_source": source} if "old_source" in get_method(name).hparams else {}))
     t = time.perf_counter(); m.setup(ctx); setup_s = time.perf_counter() - t
     t = time.perf_counter(); m.on_epoch_start(ctx.epochs - 1, ctx); epoch_s = time.perf_counter() - t
     if hasattr(m, "push"):                                 # NCCL at steady state: a full queue of K entries
@@ -65,9 +66,8 @@ def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0):
         terms = trainee(x, **fields); loss = sum(terms.values())
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     if name == OLD_FORWARD:                                # the online old features alone: what every online method adds
-        fast = inference_copy(old)
-        def step():
-            with torch.no_grad(), prec.side_autocast(): fast(x).float()
+        batch = Batch(images=x, feats=torch.zeros(b, dim), head=head, **fields)
+        def step(): m.old_feats(batch)
     return step, setup_s, epoch_s, getattr(m, "source", None) == "online" and name != OLD_FORWARD
 
 
