@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full sweeps lab bench clean
+.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
 
 # Keyed on the *content* of pyproject.toml (nbdev-export rewrites the file, so its mtime is useless).
 setup:
@@ -58,6 +58,11 @@ reproduce-full: setup
 ## make sweeps: NCCL temperature (3 seeds) and AdvBCT boundary/weights sweep at the quick scale -> reports/sweeps_quick/
 sweeps: setup
 	$(BIN)/python -c "from bctnb.study import run_sweep; print(run_sweep('quick'))"
+
+## make zoo [ZOO_IDS="train_new-… …"]: restore model-zoo runs (default: all) from git history into zoo/ ($$BCTNB_ZOO),
+## every file checked against its sha256 in reports/model_zoo.json. No network; a shallow clone needs `git fetch --unshallow`.
+zoo: setup
+	@$(BIN)/python -c "import sys; from bctnb.study import restore_zoo; [print(p) for p in restore_zoo(sys.argv[1:] or None)]" $(ZOO_IDS)
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # %% auto #0
-__all__ = ['BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json', 'sha256_bytes',
+__all__ = ['UNSET', 'BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json', 'sha256_bytes',
            'sha256_file', 'config_hash', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'Registry', 'check',
-           'check_choice', 'check_range', 'Config', 'derive_seed', 'seed_everything', 'make_generator', 'rng_state',
-           'set_rng_state', 'cpu_description', 'Precision', 'select_precision', 'available_devices', 'check_nproc',
-           'project_root', 'data_home', 'runs_home', 'environment', 'Run', 'RunRegistry', 'progress']
+           'check_choice', 'check_range', 'Config', 'unset_none', 'safe_name', 'derive_seed', 'seed_everything',
+           'make_generator', 'rng_state', 'set_rng_state', 'cpu_description', 'Precision', 'select_precision',
+           'available_devices', 'check_nproc', 'project_root', 'data_home', 'runs_home', 'environment', 'run_hash',
+           'Run', 'RunRegistry', 'progress']
 
 # %% ../nbs/00_core.ipynb #3439a752
 import numpy as np
@@ -184,7 +185,9 @@ def _coerce(value, tp, name):
 
 @dataclass
 class Config:
-    "Base for bctnb configs: validated on construction, unknown keys refused, stable hash"
+    "Base for bctnb configs: validated on construction, unknown keys refused, stable hash of what defines the result"
+    RUNTIME: typing.ClassVar[tuple[str, ...]] = ()   # fields kept in the config but left out of its identity
+
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -209,11 +212,40 @@ class Config:
 
     def to_dict(self) -> dict: return json.loads(canonical_json(_asdict(self)))
     def replace(self, **kw): return type(self).from_dict({**_asdict(self), **kw})
-    def hash(self, n: int = 12) -> str: return config_hash(self.to_dict(), n)
+    def identity(self) -> dict:
+        "The fields that define the result: every field except the `RUNTIME` ones (logging, workers, ...)"
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
+    def hash(self, n: int = 12) -> str: return config_hash(self.identity(), n)
     def save(self, path) -> Path: return save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path): return cls.from_dict(load_json(path, f"{cls.__name__} file"))
+
+# %% ../nbs/00_core.ipynb #a277482d
+class _Unset:
+    "The type of `UNSET`: a parameter that was not given"
+    _inst = None
+    def __new__(cls):
+        if cls._inst is None: cls._inst = super().__new__(cls)
+        return cls._inst
+    def __repr__(self): return "UNSET"
+    def __bool__(self): return False
+    def __reduce__(self): return (_Unset, ())
+
+UNSET = _Unset()
+
+def unset_none(**params) -> dict:
+    "Papermill parameters default to None: map each None to `UNSET` (take the preset's value)"
+    return {k: UNSET if v is None else v for k, v in params.items()}
+
+_SAFE = str.maketrans({":": "+", "=": "-", "/": "_", "\\": "_", " ": "_", ",": "+"})
+
+def safe_name(s: str) -> str:
+    "A file name portable to every OS: `nccl:tau=0.05/open-class` → `nccl+tau-0.05_open-class`"
+    out = str(s).translate(_SAFE)
+    out = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "._-+") else "_" for ch in out)
+    check(out not in ("", ".", ".."), f"cannot make a file name from {s!r}; use a label with letters or digits")
+    return out
 
 # %% ../nbs/00_core.ipynb #97c877ce
 def derive_seed(seed: int, *keys) -> int:
@@ -361,6 +393,10 @@ def environment() -> dict:
     except Exception: env["git_commit"] = None
     return env
 
+def run_hash(config) -> str:
+    "A run's hash: of `config.identity()` for a `Config` (runtime fields left out), of the whole dict otherwise"
+    return config.hash() if isinstance(config, Config) else config_hash(config)
+
 def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 class Run:
@@ -372,13 +408,15 @@ class Run:
 
     @classmethod
     def create(cls, name: str, config, root=None, exist_ok: bool = True) -> "Run":
-        "Create (or reopen, if `exist_ok`) the run folder of `name` + hash(config)"
+        "Create (or reopen, if `exist_ok`) the run folder `name`-`run_hash(config)`"
         cfg = config.to_dict() if isinstance(config, Config) else json.loads(canonical_json(config))
-        h = config_hash(cfg)
+        h = run_hash(config)
         path = Path(root or runs_home())/f"{name}-{h}"
         if (path/"config.json").exists():
             if not exist_ok: raise ConfigError(f"run {path} already exists; pass exist_ok=True to reopen it or change the config")
-            return cls(path)
+            run = cls(path)
+            if run.config != cfg: save_json(path/"config.json", {"name": name, "hash": h, "config": cfg})  # runtime fields
+            return run
         path.mkdir(parents=True, exist_ok=True)
         save_json(path/"env.json", environment())
         save_json(path/"status.json", {"status": "created", "created": _now()})
@@ -477,7 +515,7 @@ class RunRegistry:
 
     def find(self, name: str, config) -> Run | None:
         "The run of `name` with exactly this config, if it exists"
-        p = self.root/f"{name}-{config_hash(config.to_dict() if isinstance(config, Config) else config)}"
+        p = self.root/f"{name}-{run_hash(config)}"
         return Run(p) if (p/"config.json").exists() else None
 
     def create(self, name: str, config, exist_ok: bool = True) -> Run: return Run.create(name, config, self.root, exist_ok)

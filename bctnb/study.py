@@ -6,26 +6,26 @@ Docs: https://bctnb.github.io/bctnb/study.html.md"""
 
 # %% ../nbs/08_study.ipynb #e7f7d241
 from __future__ import annotations
-import concurrent.futures as cf, json, math, threading, time
+import concurrent.futures as cf, json, math, os, subprocess, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
 __all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
-           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_FILES', 'ZOO_MODEL_FILES', 'scale_info', 'Job', 'parse_method',
-           'plan_study', 'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path',
-           'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames',
-           'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'old_model_table',
-           'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs',
-           'run_sweep', 'zoo_home', 'export_zoo', 'check_zoo_entry', 'paper_commands', 'paper_plan_or_refuse']
+           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study',
+           'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study',
+           'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts',
+           'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'old_model_table', 'write_report',
+           'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
+           'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown', 'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
 import pandas as pd
 import torch
 
-from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, atomic_path, check, check_choice, config_hash,
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, atomic_path, check, check_choice, config_hash, safe_name,
                         environment, load_json, project_root, progress, save_json, sha256_file)
 
 # %% ../nbs/08_study.ipynb #f169f810
@@ -64,9 +64,9 @@ class Job:
 
     @property
     def id(self) -> str:
-        "Stable id: label-safe prefix + hash of the overrides, preset, role and the old job's id"
+        "Stable id, a portable file name: `safe_name(label)` + hash of the overrides, preset, role and the old job's id"
         h = config_hash({"o": self.overrides, "p": self.preset, "r": self.role, "old": self.old.id if self.old else None})
-        return f"{self.label.replace('/', '_')}-{h}"
+        return f"{safe_name(self.label)}-{h}"
 
 OLD_VARIANTS = {
     "softmax128": dict(head="softmax", dim=128),      # the CPU-tier default old model
@@ -221,15 +221,14 @@ def _train(job: Job, old_dir, run_root) -> Path:
         return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False)
 
 def _from_zoo(cfg, run_root=None, zoo=None) -> bool:
-    """Copy a finished run with exactly this config from the model zoo into the run root, if the root lacks it.
+    """Restore a finished run with exactly this run id from the model zoo into the run root, if the root lacks it.
     A fresh checkout has no `runs/`, but the zoo keeps seed-0 old models: a later sitting that adds runs to a block whose
     old model is in the zoo continues with *that* old model (re-training it on another CPU would give other floats)."""
     import shutil
     from bctnb.core import runs_home
-    rid = f"{cfg.run_name}-{cfg.hash()}"
-    src, dst = Path(zoo or zoo_home())/rid, Path(run_root or runs_home())/rid
-    if (dst/"config.json").exists() or not (src/"status.json").exists(): return False
-    if load_json(src/"status.json", "run status").get("status") != "done": return False
+    rid, dst = cfg.run_id, Path(run_root or runs_home())/cfg.run_id
+    if (dst/"config.json").exists() or rid not in zoo_index(): return False
+    src = restore_zoo([rid], zoo)[0]
     shutil.copytree(src, dst)
     print(f"[study] {rid}: finished run taken from the model zoo ({src})")
     return True
@@ -258,7 +257,9 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
                "old_run": Path(old_dirs[j.old.id]).name, "old_label": j.old.label, "config": cfg.to_dict(),
                "train_wall_s": wall, "old_train_wall_s": Run(old_dirs[j.old.id]).status.get("wall_s"),
-               "metrics": ev, "env": environment(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "metrics": ev, "models": {k: load_json(Path(p)/"model"/"model.json", "model description")["files"]
+                                         for k, p in (("old", old_dirs[j.old.id]), ("new", d))},
+               "env": environment(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         save_json(result_path(study_dir, j), res)
         if on_result: on_result(res)
         return d, wall
@@ -635,88 +636,112 @@ def run_sweep(scale: str = "quick", workers: int = 2, out_dir=None, run_root=Non
                      workers, out_dir, run_root)
 
 # %% ../nbs/08_study.ipynb #f6928106
-ZOO_FILES = ("config.json", "env.json", "status.json", "summary.json", "split.json", "metrics.csv")
-ZOO_MODEL_FILES = ("backbone.safetensors", "head.safetensors", "model.json")
+ZOO_INDEX = Path("reports")/"model_zoo.json"
 
-def zoo_home() -> Path: return project_root()/"reports"/"model_zoo"
+def zoo_home() -> Path:
+    "Where restored zoo runs live: $BCTNB_ZOO or <project>/zoo (ignored by git)"
+    return Path(os.environ.get("BCTNB_ZOO") or project_root()/"zoo").expanduser()
 
-def _copy_run(src: Path, dst: Path):
-    "Copy the zoo files of one finished run folder (files written with the usual 0644 permissions)"
-    import shutil
-    status = load_json(src/"status.json", "run status") if (src/"status.json").exists() else {}
-    if status.get("status") != "done":
-        raise NotFoundError(f"run {src} is not finished (status {status.get('status')!r}); finish the study before exporting the zoo")
-    (dst/"model").mkdir(parents=True, exist_ok=True)
-    for f in ZOO_FILES:
-        if (src/f).exists(): shutil.copyfile(src/f, dst/f)
-    for f in ZOO_MODEL_FILES:
-        if (src/"model"/f).exists(): shutil.copyfile(src/"model"/f, dst/"model"/f)
+def zoo_index(root=None) -> dict:
+    "Run id → {commit, path, files: {name: sha256}, role, study, ...} of every zoo entry ({} outside a checkout)"
+    f = Path(root or project_root())/ZOO_INDEX
+    return load_json(f, "model zoo index")["entries"] if f.exists() else {}
 
-_OLD_SPLIT_NAMES = {"class": "old split of open-/extended-class (30 % of classes)",
-                    "data": "old split of open-/extended-data (30 % of images)"}
+def _git(root, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True)
 
-def _zoo_row(kind, r, run, zdir):
-    m = r["metrics"]["old/old" if kind == "old" else "cross"]
-    files = sorted((zdir/run/"model").glob("*.safetensors"))
-    return {"model": f"[`{run}`](model_zoo/{run}/)", "role": kind, "method": "—" if kind == "old" else r["method"],
-            "scenario": _OLD_SPLIT_NAMES.get(r["old_label"].split("/")[1], r["old_label"]) if kind == "old" else r["scenario"],
-            "old variant": r["old_variant"],
-            "seed": r["seed"], "mAP": f"{m['mAP']:.3f}" + (" (old/old)" if kind == "old" else " (cross)"),
-            "MB": f"{sum(f.stat().st_size for f in files) / 1e6:.1f}",
-            "backbone sha256": f"`{sha256_file(zdir/run/'model'/'backbone.safetensors')}`"}
+def _restored(out: Path, e: dict) -> bool:
+    "Already restored and intact (config.json is rewritten on restore, so it is not compared)"
+    return (out/"status.json").exists() and all(sha256_file(out/f) == s for f, s in e["files"].items() if f != "config.json")
 
-def export_zoo(studies: Sequence[str], seed: int = 0, run_root=None, dest=None) -> Path:
-    """Copy the seed-`seed` old and new models behind the result files of `studies` (names under reports/) into the zoo
-    and write `reports/model_zoo.md`; returns that file. Runs shared by several jobs (an old model, independent = fct)
-    are copied once."""
-    from bctnb.core import runs_home
-    root, zdir = Path(run_root or runs_home()), Path(dest or zoo_home())
-    rows, seen = [], set()
-    for st in studies:
-        for f in sorted((project_root()/"reports"/st/"runs").glob("*.json")):
-            r = load_json(f, "study result")
-            if r.get("seed") != seed: continue
-            for kind, run in (("old", r["old_run"]), ("new", r["new_run"])):
-                if (kind, run) in seen: continue
-                seen.add((kind, run))
-                if not (zdir/run/"model"/"backbone.safetensors").exists(): _copy_run(root/run, zdir/run)
-                rows.append({"study": st, **_zoo_row(kind, r, run, zdir)})
-    check(rows, f"no seed-{seed} results in reports/{{{','.join(studies)}}}/runs: run the studies first")
-    df = pd.DataFrame(rows).sort_values(["role", "old variant", "scenario", "method"], ascending=[False, True, True, True])
-    md = ["# Model zoo", "",
-          f"CPU-tier checkpoints of seed {seed} (cpu_resnet on the emoji data, CPU recipe) behind the committed studies "
-          f"{', '.join(f'[`{s}`]({s}/README.md)' for s in studies)}. Each folder is a run folder: `model/` (safetensors weights, "
-          "`model.json` with the label map and the sha256 of each file), `config.json` (the exact training config), "
-          "`split.json`, `metrics.csv` (training log). Evaluate without training:", "",
-          "```bash", "papermill nbs/evaluate.ipynb /tmp/eval.ipynb --cwd nbs -p old_run ../reports/model_zoo/train_old-<hash> \\",
-          "          -p new_runs '[\"../reports/model_zoo/train_new-<hash>\"]'", "```", "",
-          "or in Python `bctnb.study.check_zoo_entry(result_json)`, which re-evaluates a pair and compares it with the study's "
-          "number (a test does this for one pair). The mAP column is the committed result: cross-test (new query vs old "
-          "gallery) for new models, old/old for old models.", "",
-          _md(df), "",
-          "## Paper scale", "",
-          "No paper-scale weights are provided: training them needs the datasets (see `data_cards/`) and 8 GPUs. Produce "
-          "them with the commands `bctnb.study.paper_commands` prints "
-          "(also printed by the `reproduce_*` notebooks at `-p scale paper`), e.g.:", "", "```bash",
-          *paper_commands("unibct_paper", ["l2", "bct", "nccl"], ["open-class"], "face")[:3], "```", ""]
-    out = zdir.parent/"model_zoo.md"
-    with atomic_path(out) as tmp: Path(tmp).write_text("\n".join(md))
+def _restore_one(rid: str, e: dict, root: Path, dest: Path) -> Path:
+    import io, shutil, tarfile
+    out = dest/rid
+    if _restored(out, e): return out
+    if _git(root, "cat-file", "-e", f"{e['commit']}^{{commit}}").returncode != 0:
+        shallow = _git(root, "rev-parse", "--is-shallow-repository").stdout.decode().strip() == "true"
+        fix = "this is a shallow clone: run `git fetch --unshallow`" if shallow else "run `git fetch` to get the history"
+        raise NotFoundError(f"zoo entry {rid} is stored in commit {e['commit'][:12]}, which this clone lacks; {fix}, then retry")
+    p = _git(root, "archive", "--format=tar", e["commit"], e["path"])
+    if p.returncode != 0:
+        raise NotFoundError(f"git archive of {e['path']} at {e['commit'][:12]} failed: {p.stderr.decode()[-300:]}")
+    tmp = dest/f".{rid}.restoring"; shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf: tf.extractall(tmp, filter="data")
+    src = tmp/e["path"]
+    for f, sha in e["files"].items():
+        if not (src/f).exists() or sha256_file(src/f) != sha:
+            raise IntegrityError(f"zoo entry {rid}: {e['path']}/{f} at {e['commit'][:12]} does not match its sha256 in {ZOO_INDEX}")
+    rc = load_json(src/"config.json", "run config")
+    rc["hash"] = rid.rsplit("-", 1)[1]
+    if e.get("old_run"): rc["config"]["old_run"] = str((dest/e["old_run"]).resolve())
+    save_json(src/"config.json", rc)
+    shutil.rmtree(out, ignore_errors=True); src.rename(out); shutil.rmtree(tmp)
+    return out
+
+def restore_zoo(ids: Sequence[str] | None = None, dest=None, root=None) -> list[Path]:
+    """Restore zoo entries (default: all; a new model brings its old model) from the repository's history into `dest`
+    (default `zoo_home()`); every file is checked against its sha256 and every run id against its recomputed config"""
+    from bctnb.train import TrainConfig
+    root = Path(root or project_root()); dest = Path(dest or zoo_home()); dest.mkdir(parents=True, exist_ok=True)
+    index = zoo_index(root)
+    check(index, f"no model zoo index at {root/ZOO_INDEX}: run this inside a bctnb checkout")
+    ids = list(index) if ids is None else list(ids)
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise NotFoundError(f"not in the model zoo: {', '.join(unknown)}. The ids are listed in reports/model_zoo.md, "
+                            f"e.g. {', '.join(list(index)[:2])}")
+    order = list(dict.fromkeys([index[i]["old_run"] for i in ids if index[i].get("old_run")] + ids))
+    out = []
+    for rid in order:
+        d = _restore_one(rid, index[rid], root, dest)
+        got = TrainConfig.from_dict(Run(d).config).run_id
+        if got != rid: raise IntegrityError(f"restored zoo run {d} has run id {got}, not {rid}: the index is out of date")
+        if rid in ids: out.append(d)
     return out
 
 def check_zoo_entry(result_json, zoo=None, atol: float = 1e-4) -> dict:
-    "Re-evaluate the zoo pair behind one study result file; raise unless mAP/R@1/TAR match the committed numbers"
+    "Restore the zoo pair behind one study result file and re-evaluate it; raise unless every metric matches"
     from bctnb.train import TrainConfig
-    r = load_json(Path(result_json), "study result"); zdir = Path(zoo or zoo_home())
-    for run in (r["old_run"], r["new_run"]):
-        if not (zdir/run/"model"/"model.json").exists():
-            raise NotFoundError(f"zoo model {zdir/run} is missing: export it with bctnb.study.export_zoo([...]) or use a run folder")
-    cfg = TrainConfig(**{**r["config"], "old_run": str(zdir/r["old_run"])})
-    got = evaluate_pair(zdir/r["old_run"], zdir/r["new_run"], cfg)
+    r = load_json(Path(result_json), "study result")
+    new_dir = restore_zoo([r["new_run"]], zoo)[0]
+    old_dir = new_dir.parent/r["old_run"]
+    cfg = TrainConfig(**{**r["config"], "old_run": str(old_dir)})
+    got = evaluate_pair(old_dir, new_dir, cfg)
     for side in SIDES:
         for k, v in r["metrics"][side].items():
             if abs(got[side][k] - v) > atol:
                 raise IntegrityError(f"zoo pair {r['label']}: {side} {k} = {got[side][k]:.6f} but the committed result says {v:.6f}")
     return got
+
+def zoo_markdown(root=None) -> Path:
+    "Render `reports/model_zoo.md` from the zoo index"
+    root = Path(root or project_root()); index = zoo_index(root)
+    rows = [{"run id": f"`{rid}`", "study": e["study"], "role": e["role"], "method": e.get("method") or "—",
+             "scenario": e["scenario"], "old variant": e["old_variant"], "seed": e["seed"], "mAP": e["mAP"],
+             "commit": f"`{e['commit'][:10]}`", "backbone sha256": f"`{e['files']['model/backbone.safetensors']}`"}
+            for rid, e in index.items()]
+    df = pd.DataFrame(rows).sort_values(["role", "old variant", "scenario", "method"], ascending=[False, True, True, True])
+    ex_new = next(r for r, e in index.items() if e["role"] == "new")
+    md = ["# Model zoo", "",
+          "Seed-0 CPU-tier models (cpu_resnet on the emoji data, CPU recipe) behind the committed studies. The weights are "
+          "not in the working tree: each entry lives in the repository's history at the listed commit, and "
+          f"[`model_zoo.json`](model_zoo.json) gives its path there and the sha256 of every file. Restore entries (a new "
+          "model brings its old model) into `zoo/` — no network, every file verified:", "",
+          "```bash", f'make zoo ZOO_IDS="{ex_new}"      # or make zoo for all', "```", "",
+          "A shallow clone lacks the history: `git fetch --unshallow` first. Evaluate a restored pair without training:", "",
+          "```bash", f"papermill nbs/evaluate.ipynb /tmp/eval.ipynb --cwd nbs -p old_run ../zoo/{index[ex_new]['old_run']} \\",
+          f"          -p new_runs '[\"../zoo/{ex_new}\"]'", "```", "",
+          "or `bctnb.study.check_zoo_entry(result_json)`, which restores the pair behind a study result and compares every "
+          "metric. The mAP column is the committed result: cross-test for new models, old/old for old models.", "",
+          _md(df), "",
+          "## Paper scale", "",
+          "No paper-scale weights are provided: training them needs the datasets (see `data_cards/`) and 8 GPUs. Produce "
+          "them with the commands `bctnb.study.paper_commands` prints (also printed by the `reproduce_*` notebooks at "
+          "`-p scale paper`), e.g.:", "", "```bash",
+          *paper_commands("unibct_paper", ["l2", "bct", "nccl"], ["open-class"], "face")[:3], "```", ""]
+    out = root/"reports"/"model_zoo.md"
+    with atomic_path(out) as tmp: Path(tmp).write_text("\n".join(md))
+    return out
 
 # %% ../nbs/08_study.ipynb #99e03c3c
 def paper_commands(study: str, methods: Sequence[str], scenarios: Sequence[str], domain: str = "face") -> list[str]:

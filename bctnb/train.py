@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'lr_at', 'DistInfo',
-           'init_distributed', 'TrainData', 'prepare_data', 'epoch_order', 'Trainee', 'freeze', 'save_checkpoint',
-           'load_checkpoint', 'NonFiniteLossError', 'build_optimizer', 'train', 'main']
+__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'old_model_id',
+           'lr_at', 'DistInfo', 'init_distributed', 'TrainData', 'prepare_data', 'epoch_order', 'Trainee', 'freeze',
+           'save_checkpoint', 'load_checkpoint', 'NonFiniteLossError', 'build_optimizer', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #a42a62dc
 import numpy as np
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from fastcore.script import call_parse, is_cli
 from safetensors.torch import save_file, load_file
-from .core import (BctnbError, ConfigError, IntegrityError, Config, Run, check, check_choice, check_range,
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, Run, UNSET, unset_none, check, check_choice, check_range,
                         atomic_path, save_json, load_json, sha256_file, seed_everything, make_generator, derive_seed,
                         rng_state, set_rng_state, select_precision, progress)
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
@@ -42,7 +42,8 @@ PRESETS = ("smoke", "cpu", "paper")
 
 @dataclass
 class TrainConfig(Config):
-    "Everything that defines a training run (its hash names the run folder)"
+    "Everything that defines a training run; the hash of `identity()` names the run folder"
+    RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every")   # not in the run id
     # data
     dataset: str = "emoji"
     data_root: str | None = None
@@ -126,6 +127,16 @@ class TrainConfig(Config):
     @property
     def run_name(self) -> str: return f"train_{self.role}"
 
+    def identity(self, old_id: str | None = None) -> dict:
+        """What names the run: every non-runtime field, with the old model named by its own id (`old_model_id`), not by
+        the folder it sits in, so a copied checkout or a moved run gives the same id. `old_id` overrides the look-up."""
+        d = super().identity()
+        if self.old_run: d["old_run"] = old_id or old_model_id(self.old_run)
+        return d
+
+    @property
+    def run_id(self) -> str: return f"{self.run_name}-{self.hash()}"
+
     def prepare(self):
         "Check what the run needs before workers start: the dataset (loaded, i.e. built once, here), the split size, the old model"
         ds = load_dataset(self.dataset, root=self.data_root, **self.dataset_kw)
@@ -138,9 +149,9 @@ class TrainConfig(Config):
 
     @classmethod
     def make(cls, preset: str = "cpu", role: str = "old", **overrides) -> "TrainConfig":
-        "The preset's recipe for `role`, with every non-None override applied on top"
+        "The preset's recipe for `role`, with every override that is not `UNSET` applied on top (None means none)"
         check_choice("preset", preset, PRESETS); check_choice("role", role, ROLES)
-        kw = {k: v for k, v in overrides.items() if v is not None}
+        kw = {k: v for k, v in overrides.items() if v is not UNSET}
         base = preset_defaults(preset, role, kw.get("dataset", "emoji"))
         return cls.from_dict({**base, **kw, "preset": preset, "role": role})
 
@@ -173,6 +184,20 @@ def preset_defaults(preset: str, role: str = "old", dataset: str = "emoji") -> d
     return dict(backbone="resnet50_gem", dim=512, head="arcface", s=16.0, m=0.1, epochs=60, batch_size=64,
                 optimizer="adam", lr=3.5e-4, weight_decay=5e-4, schedule="step", milestones=[20, 40], gamma=0.1,
                 aug_flip=True, aug_rrc=None, aug_jitter=0.0, ckpt_every=1000, log_every=50)
+
+# %% ../nbs/05_train.ipynb #b26c47da
+def old_model_id(old_run) -> str:
+    "`train_old-<hash>` of an old run folder (recomputed from its config), or `model-<sha256>` of a bare model folder"
+    p = Path(str(old_run)).expanduser()
+    run_dir = p if (p/"config.json").exists() else p.parent if (p.parent/"config.json").exists() else None
+    if run_dir is not None:
+        rc = load_json(run_dir/"config.json", "run config")
+        return f"{rc['name']}-{TrainConfig.from_dict(rc['config']).hash()}"
+    mj = p/"model.json" if (p/"model.json").exists() else p/"model"/"model.json"
+    if not mj.exists():
+        raise NotFoundError(f"old model not found: {p} is neither a run folder (config.json) nor a model folder (model.json). "
+                            "Pass the run folder train_old.ipynb printed, e.g. runs/train_old-1a2b3c4d5e6f")
+    return f"model-{load_json(mj, 'model description')['files']['backbone.safetensors'][:12]}"
 
 # %% ../nbs/05_train.ipynb #a9bd6e67
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

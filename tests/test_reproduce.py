@@ -84,41 +84,64 @@ def test_reproduce_checks_against_reference(tmp_path, runs):
         reproduce("reftest", jobs, "smoke", "ref", out_dir=ref, run_root=runs, reference=ref)
 
 
-# ---------------------------------------------------------------- the committed model zoo (reports/model_zoo*)
-def _zoo_rows():
-    import re
-    text = (ROOT / "reports" / "model_zoo.md").read_text()
-    return re.findall(r"\[`(train_(?:old|new)-[0-9a-f]{12})`\]\(model_zoo/[^)]*\).*?`([0-9a-f]{64})`", text)
+# ---------------------------------------------------------------- the model zoo (reports/model_zoo.json, in git history)
+L2_PAIR = "l2_open-class_softmax128_s0-*.json"       # the seed-0 L2 pair of the UniBCT study (open-class)
 
 
-def test_model_zoo_lists_every_model_with_its_sha256():
-    from bctnb.core import sha256_file
-    rows = _zoo_rows()
-    assert len(rows) >= 23                                             # old model + 11 methods × 2 scenarios at least
-    for run, sha in rows:
-        f = ROOT / "reports" / "model_zoo" / run / "model" / "backbone.safetensors"
-        assert f.exists(), f"{run} is listed in model_zoo.md but {f} is missing"
-        assert sha256_file(f) == sha, f"{f} does not match the sha256 listed in model_zoo.md"
-        assert not (f.parent.parent / "ckpt").exists()                # weights only, no training checkpoints
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """The L2 pair restored the way the README says, `make zoo ZOO_IDS=...`: from this clone's git history into a
+    cache folder ($BCTNB_ZOO), every file checked against its sha256"""
+    import os, subprocess
+    r = json.loads(next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR)).read_text())
+    dest = tmp_path_factory.mktemp("zoo")
+    p = subprocess.run(["make", "-s", "zoo", f"ZOO_IDS={r['new_run']}"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "BCTNB_ZOO": str(dest)}, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return dest
+
+
+def test_model_zoo_index_covers_the_committed_seed0_models():
+    "Every zoo entry names a commit, a path and a sha256 per file; every seed-0 model of unibct_cpu is in it"
+    from bctnb.study import zoo_index
+    idx = zoo_index(ROOT)
+    assert len(idx) == 65
+    for rid, e in idx.items():
+        assert len(e["commit"]) == 40 and e["path"].startswith("reports/model_zoo/"), rid
+        assert {"config.json", "model/backbone.safetensors", "model/model.json"} <= set(e["files"]), rid
+    for f in (ROOT / "reports" / "unibct_cpu" / "runs").glob("*_s0-*.json"):
+        r = json.loads(f.read_text())
+        assert r["new_run"] in idx and r["old_run"] in idx, f.name
+
+
+def test_zoo_restores_into_run_folders_named_by_their_run_ids(zoo):
+    "A restored folder is a finished run whose id, recomputed from its config, is its folder name"
+    from bctnb.core import Run
+    from bctnb.models import load_model
+    from bctnb.train import TrainConfig
+    dirs = sorted(p for p in zoo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [d.name.split("-")[0] for d in dirs] == ["train_new", "train_old"]   # a new model brings its old model
+    for d in dirs:
+        assert Run(d).done and TrainConfig.from_dict(Run(d).config).run_id == d.name
+        load_model(d, verify=True)                                     # weights match the sha256 in model.json
 
 
 @pytest.mark.slow
-def test_model_zoo_pair_reproduces_the_committed_numbers():
+def test_model_zoo_pair_reproduces_the_committed_numbers(zoo):
     "Evaluating the zoo's seed-0 L2 pair (open-class) from its weights gives the numbers in reports/unibct_cpu"
     from bctnb.study import check_zoo_entry
-    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob("l2_open-class_softmax128_s0-*.json"))
-    got = check_zoo_entry(f)                                           # raises if any metric differs by > 1e-4
+    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR))
+    got = check_zoo_entry(f, zoo=zoo)                                  # raises if any metric differs by > 1e-4
     committed = json.loads(f.read_text())["metrics"]
     assert got["cross"]["mAP"] == pytest.approx(committed["cross"]["mAP"], abs=1e-4)
 
 
 @pytest.mark.slow
-def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path):
+def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path, zoo):
     """A reader who evaluates the zoo's seed-0 L2 pair with the generic `evaluate.ipynb` (protocol `retrieval`) gets the
     numbers of the committed study report: the study and the evaluate notebook measure the same thing the same way."""
-    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob("l2_open-class_softmax128_s0-*.json"))
+    f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR))
     r = json.loads(f.read_text())
-    zoo = ROOT / "reports" / "model_zoo"
     out = tmp_path / "eval"
     _papermill("evaluate.ipynb", tmp_path / "evaluate_out.ipynb", old_run=str(zoo / r["old_run"]),
                new_runs=json.dumps([str(zoo / r["new_run"])]), refresh_steps=2, refresh_seeds=[0], out_dir=str(out),
