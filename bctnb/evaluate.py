@@ -21,7 +21,8 @@ __all__ = ['IJBC_FARS', 'FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'PROTOCOLS', '
            'hot_refresh', 'plot_refresh', 'plot_flip_rates', 'plot_compat_matrix', 'module_hash', 'dataset_fingerprint',
            'features_cache_dir', 'features_for', 'ProtocolData', 'protocol_root', 'retrieval_protocol',
            'roxford5k_protocol', 'rparis6k_protocol', 'gldv2_protocol', 'market1501_protocol', 'ijbc_protocol',
-           'list_protocols', 'ProtocolResult', 'head_uncertainty', 'evaluate_protocol']
+           'pair_tar', 'split_images', 'cpu_tier_protocol', 'list_protocols', 'ProtocolResult', 'head_uncertainty',
+           'evaluate_protocol']
 
 # %% ../nbs/07_evaluate.ipynb #f28c1a05
 import numpy as np
@@ -851,6 +852,7 @@ class ProtocolData:
     post: Callable | None = None       # image features -> scorer items (IJB-C: templates)
     batch_size: int = 256
     info: dict = field(default_factory=dict)
+    refresh_scorer: Callable | None = None   # scorer for the hot-refresh sweep (None: `scorer`)
 
 def protocol_root(name: str, data_root=None) -> Path:
     "`data_root`, else `data_home()/name` ($BCTNB_DATA/<name>)"
@@ -934,6 +936,37 @@ def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> Pr
     if gp is not None: info.update({f"n_{k}": int(len(v)) for k, v in gp.items()})
     if note: info["note"] = note
     return ProtocolData("ijbc", ds, None, ijbc_scorer(tids, pairs, gp), "TAR@FAR=0.0001", cols, flip="sum", post=post, info=info)
+
+def pair_tar(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float = 1e-3) -> float:
+    "TAR@FAR over all pairs of a labelled test set: unordered i<j within one model (`same_model`), ordered i≠j across"
+    q, g = l2_normalize(q), l2_normalize(g)
+    lab, n = np.asarray(labels), len(labels)
+    mask = np.triu(np.ones((n, n), bool), 1) if same_model else ~np.eye(n, dtype=bool)
+    return tar_at_far((q @ g.T)[mask], (lab[:, None] == lab[None, :])[mask].astype(np.int8), [far])[far]
+
+def split_images(config, which: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    "(uint8 images, global labels) of one part ('test', 'old', 'new') of a training config's dataset and split"
+    from bctnb.data import load_dataset, make_split
+    c = config if isinstance(config, dict) else config.to_dict()
+    ds = load_dataset(c["dataset"], root=c.get("data_root"), **(c.get("dataset_kw") or {}))
+    sp = make_split(ds.labels, c["scenario"], c["old_ratio"], c["split_seed"], c["test_ratio"], keys=ds.keys)
+    idx = sp.indices(which)
+    return ds.subset(idx).images_uint8(), np.asarray(ds.labels)[idx]
+
+@PROTOCOLS.register("cpu_tier")
+def cpu_tier_protocol(root=None, config=None, far: float = 1e-3) -> ProtocolData:
+    """The CPU tier's protocol on the held-out test classes of a run's split (`config`: the old run's `TrainConfig` or its
+    dict): leave-one-out retrieval (mAP, R@1/5/10) and TAR@FAR over all test pairs. Hot refresh scores retrieval only."""
+    if config is None:
+        raise ConfigError("protocol 'cpu_tier' evaluates the held-out test classes of a run's split: pass config=<the old "
+                          "run's TrainConfig or config dict> (nbs/evaluate.ipynb reads it from -p old_run)")
+    X, y = split_images(config, "test")
+    loo = loo_scorer(y)
+    def score(q, g):
+        m, top1 = loo(q, g)
+        return {**m, "TAR": pair_tar(q, g, y, same_model=q is g, far=far)}, top1
+    return ProtocolData("cpu_tier", X, None, score, "mAP", ("mAP", "R@1", "TAR"), refresh_scorer=loo,
+                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far})
 
 def list_protocols() -> list[str]: return PROTOCOLS.names()
 
@@ -1033,7 +1066,7 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         ords = tuple(o for o in orderings if o != "uncertainty" or unc is not None)
         for name, (Qn, Gn, Gx) in feats.items():
             if Gx is None or np.shape(Gx)[1] != Gn.shape[1]: continue
-            refreshes[name] = hot_refresh(Qn, Gx, Gn, data.scorer, q_old=Qo, g_old_ref=Go, orderings=ords, steps=int(refresh_steps),
+            refreshes[name] = hot_refresh(Qn, Gx, Gn, data.refresh_scorer or data.scorer, q_old=Qo, g_old_ref=Go, orderings=ords, steps=int(refresh_steps),
                                           seeds=tuple(refresh_seeds), uncertainty=unc, metric=metric)
     cm = None
     gen = [("old", (Qo, Go))] + [(n, (f[0], f[1])) for n, f in feats.items() if f[0].shape[1] == Qo.shape[1]]

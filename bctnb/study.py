@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'FAR', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
-           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study',
-           'pair_verification', 'pair_metrics', 'split_images', 'fit_fct', 'evaluate_pair', 'result_path', 'run_study',
-           'load_results', 'add_derived', 'summary_table', 'verdicts', 'refresh_frames', 'refresh_verdicts',
-           'provenance', 'plot_cross_vs_old', 'plot_refresh_curves', 'old_model_table', 'write_report',
-           'reference_check', 'default_methods', 'tuned_variants', 'reproduce', 'sweep_jobs', 'run_sweep', 'zoo_home',
-           'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown', 'paper_commands', 'paper_plan_or_refuse']
+__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
+           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'fit_fct',
+           'evaluate_pair', 'result_path', 'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts',
+           'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
+           'old_model_table', 'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce',
+           'sweep_jobs', 'run_sweep', 'zoo_home', 'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown',
+           'paper_commands', 'paper_plan_or_refuse']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import numpy as np
@@ -124,39 +124,12 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                                     refresh=m in refresh_methods, fct_epochs=FCT_EPOCHS[scale] if name == "fct" else None))
     return list(olds.values()) + jobs
 
-# %% ../nbs/08_study.ipynb #e8d93ad7
-FAR = 1e-3
-
-def pair_verification(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float = FAR) -> float:
-    "TAR@FAR over all test pairs: i<j within one model (`same_model`), i≠j across models"
-    from bctnb.evaluate import l2_normalize, tar_at_far
-    q, g = l2_normalize(q), l2_normalize(g)
-    lab = np.asarray(labels)
-    S = q @ g.T
-    n = len(lab)
-    mask = np.triu(np.ones((n, n), bool), 1) if same_model else ~np.eye(n, dtype=bool)
-    return tar_at_far(S[mask], (lab[:, None] == lab[None, :])[mask].astype(np.int8), [far])[far]
-
-def pair_metrics(q: np.ndarray, g: np.ndarray, labels, same_model: bool) -> dict:
-    "mAP, R@1, R@5, R@10 (leave-one-out) and TAR@FAR=1e-3 for queries `q` against gallery `g`"
-    from bctnb.evaluate import retrieval_metrics
-    r = retrieval_metrics(q, g, labels)
-    return {"mAP": r["mAP"], "R@1": r["R@1"], "R@5": r["R@5"], "R@10": r["R@10"], "TAR": pair_verification(q, g, labels, same_model)}
-
 # %% ../nbs/08_study.ipynb #61f3edc8
-def split_images(cfg, which: str = "test"):
-    "(uint8 images, global labels) of one part ('test', 'old', 'new') of a TrainConfig's dataset and split"
-    from bctnb.data import load_dataset, make_split
-    ds = load_dataset(cfg.dataset, root=cfg.data_root, **cfg.dataset_kw)
-    sp = make_split(ds.labels, cfg.scenario, cfg.old_ratio, cfg.split_seed, cfg.test_ratio, keys=ds.keys)
-    idx = sp.indices(which)
-    return ds.subset(idx).images_uint8(), np.asarray(ds.labels)[idx]
-
 def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
     "FCT: fit h(φ_o(x)) ≈ φ_n(x) on the new training set (bctnb.losses.train_fct); cached in the new run's folder"
     from bctnb.losses import train_fct, save_fct, load_fct
     from bctnb.models import load_model
-    from bctnb.evaluate import features_for
+    from bctnb.evaluate import features_for, split_images
     _, _, oinfo = load_model(Path(old_dir)/"model", verify=False)
     f = Path(new_dir)/f"fct-{oinfo['sha256'][:12]}-e{epochs}-s{seed}.safetensors"
     if f.exists(): return load_fct(f)
@@ -168,28 +141,25 @@ def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
 
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
                   refresh_steps: int = 10, refresh_seeds=(0, 1, 2), fct_epochs: int | None = None) -> dict:
-    """old/old, self and cross metrics (CPU-tier protocol) of a trained new run against its old run, plus hot refresh.
+    """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot refresh.
     With `fct_epochs`, the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
-    from bctnb.evaluate import features_for
-    from bctnb.models import load_model
-    X, lab = split_images(cfg, "test")
-    G_o, Q_n = features_for(Path(old_run)/"model", X), features_for(Path(new_run)/"model", X)   # disk cache keyed by model hash
-    G_x = G_o                                            # what the un-refreshed gallery holds
+    from bctnb.evaluate import PROTOCOLS, evaluate_protocol
+    data = PROTOCOLS["cpu_tier"](config=cfg)
+    tfs = {}
     if fct_epochs:
         h = fit_fct(old_run, new_run, cfg, fct_epochs, seed=cfg.seed)
-        with torch.no_grad(): G_x = h(torch.as_tensor(G_o)).numpy()
-    if G_x.shape[1] != Q_n.shape[1]:
-        raise ConfigError(f"old model has dim {G_o.shape[1]} and new model dim {Q_n.shape[1]}: cross-test needs equal dims (or a declared transformation, e.g. fct)")
-    out = {"old/old": pair_metrics(G_o, G_o, lab, True), "self": pair_metrics(Q_n, Q_n, lab, True),
-           "cross": pair_metrics(Q_n, G_x, lab, False), "gallery": "h(old)" if fct_epochs else "old",
-           "n_test": int(len(lab)), "n_test_classes": int(len(np.unique(lab)))}
+        def tf(G):
+            with torch.no_grad(): return h(torch.as_tensor(G)).numpy()
+        tfs["new"] = tf
+    ev = evaluate_protocol(data, Path(old_run)/"model", {"new": Path(new_run)/"model"}, gallery_transforms=tfs,
+                           refresh=refresh, refresh_steps=refresh_steps, refresh_seeds=refresh_seeds, compat=False)
+    keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}
+    r = ev.new["new"]
+    out = {"old/old": keep(ev.old_old), "self": keep(r["self"]), "cross": keep(r["cross"]),
+           "gallery": "h(old)" if fct_epochs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
     if refresh:
-        from bctnb.evaluate import hot_refresh, loo_scorer, head_uncertainty
-        _, old_head, _ = load_model(Path(old_run)/"model")      # the old classifier, for the uncertainty ordering
-        unc = head_uncertainty(old_head, G_o) if old_head is not None else None
-        res = hot_refresh(Q_n, G_x, Q_n, loo_scorer(lab), q_old=G_o, g_old_ref=G_o, steps=refresh_steps, seeds=refresh_seeds,
-                          orderings=("random", "discrepancy") + (("uncertainty",) if unc is not None else ()), uncertainty=unc)
-        out["refresh"] = {"curves": res.curves.to_dict(orient="list"), "summary": res.summary.to_dict(orient="records")}
+        rr = ev.refresh["new"]
+        out["refresh"] = {"curves": rr.curves.to_dict(orient="list"), "summary": rr.summary.to_dict(orient="records")}
     return out
 
 # %% ../nbs/08_study.ipynb #3fc259ad
