@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'old_model_id',
-           'lr_at', 'DistInfo', 'init_distributed', 'TrainData', 'prepare_data', 'epoch_order', 'Trainee', 'freeze',
-           'save_checkpoint', 'load_checkpoint', 'NonFiniteLossError', 'build_optimizer', 'train', 'main']
+__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'SPLIT_KEYS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults',
+           'check_method', 'new_run_config', 'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'TrainData',
+           'prepare_data', 'epoch_order', 'Trainee', 'freeze', 'save_checkpoint', 'load_checkpoint',
+           'NonFiniteLossError', 'build_optimizer', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #a42a62dc
 import numpy as np
@@ -23,17 +24,12 @@ import torch.nn as nn
 import torch.distributed as dist
 from fastcore.script import call_parse, is_cli
 from safetensors.torch import save_file, load_file
-from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, Run, UNSET, unset_none, check, check_choice, check_range,
-                        atomic_path, save_json, load_json, sha256_file, seed_everything, make_generator, derive_seed,
-                        rng_state, set_rng_state, select_precision, progress)
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, Run, UNSET, unset_none, check,
+                        check_choice, check_range, atomic_path, save_json, load_json, sha256_file, seed_everything,
+                        make_generator, derive_seed, rng_state, set_rng_state, select_precision, progress)
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, load_dataset, make_split, SCENARIOS
-from .losses import METHODS, Batch, MethodContext, get_method, projection_methods
-
-# %% ../nbs/05_train.ipynb #fe533f8d
-import importlib
-try: importlib.import_module("bctnb.prototypes")  # registers the prototype-based methods, if that module defines any
-except ImportError: pass
+from .losses import METHODS, Batch, MethodContext, Method, get_method
 
 # %% ../nbs/05_train.ipynb #be490d28
 ROLES = ("old", "new")
@@ -142,7 +138,7 @@ class TrainConfig(Config):
         ds = load_dataset(self.dataset, root=self.data_root, **self.dataset_kw)
         split = make_split(ds.labels, self.scenario, old_ratio=self.old_ratio, seed=self.split_seed, test_ratio=self.test_ratio, keys=ds.keys)
         _check_batches(len(split.indices(self.role)), self)
-        if self.old_run: load_model(self.old_run, verify=False)
+        check_method(self)                  # the old model (loaded, not hashed) against the method: Method.check
 
     @property
     def world_size(self) -> int: return self.nproc * self.nnodes
@@ -184,6 +180,63 @@ def preset_defaults(preset: str, role: str = "old", dataset: str = "emoji") -> d
     return dict(backbone="resnet50_gem", dim=512, head="arcface", s=16.0, m=0.1, epochs=60, batch_size=64,
                 optimizer="adam", lr=3.5e-4, weight_decay=5e-4, schedule="step", milestones=[20, 40], gamma=0.1,
                 aug_flip=True, aug_rrc=None, aug_jitter=0.0, ckpt_every=1000, log_every=50)
+
+# %% ../nbs/05_train.ipynb #1bffe4d4
+SPLIT_KEYS = ("dataset", "data_root", "dataset_kw", "split_seed", "old_ratio", "test_ratio")
+
+def _augment(cfg: TrainConfig) -> BatchAugment:
+    return BatchAugment(flip=cfg.aug_flip, rrc_scale=cfg.aug_rrc, rrc_ratio=tuple(cfg.aug_ratio), jitter=cfg.aug_jitter)
+
+def check_method(cfg: TrainConfig, method: Method | None = None, old_info: dict | None = None) -> Method:
+    "`cfg`'s method (built unless given) checked against `cfg`'s old model and augmentation by `Method.check`"
+    method = get_method(cfg.method, **cfg.method_kw) if method is None else method
+    if old_info is None: old_info = load_model(cfg.old_run, verify=False)[2] if cfg.old_run else {}
+    method.check(bool(cfg.old_run), old_info.get("dim"), cfg.dim, _augment(cfg), old=cfg.old_run)
+    return method
+
+def _old_run(old_run):
+    p = Path(str(old_run)).expanduser()
+    if not str(old_run) or not p.exists():
+        raise NotFoundError(f"old run not found: {str(old_run) or '(empty)'}. Pass old_run=<the run folder "
+                            "train_old.ipynb printed, e.g. runs/train_old-1a2b3c4d5e6f>, or train one first: "
+                            "papermill nbs/train_old.ipynb out.ipynb -p preset smoke")
+    run = Run(p)
+    cfg = run.config
+    if cfg.get("role") != "old":
+        raise ConfigError(f"{p} is a '{cfg.get('role')}' run, not an old-model run; pass a run made by "
+                          "train_old.ipynb (role 'old')")
+    _, _, info = load_model(p, verify=True)          # a missing/corrupt model is a NotFoundError/IntegrityError here
+    return run, cfg, info
+
+def new_run_config(old_run, method: str = "independent", preset: str = "cpu", method_kw: dict | None = None,
+                   dataset: str | None = None, scenario: str | None = None, dim: int | None = None, **overrides):
+    "Check that `old_run` fits a new `method` run and return its `TrainConfig` (role 'new')"
+    m = get_method(method, **(method_kw or {}))                 # unknown method / hyper-parameter: lists the valid ones
+    run, ocfg, info = _old_run(old_run)
+    if dataset is not None and dataset != ocfg["dataset"]:
+        raise ConfigError(f"the old run {run.path} was trained on dataset '{ocfg['dataset']}', not '{dataset}'. "
+                          f"Compatible training needs the same dataset (its new split); drop dataset= or pass an old "
+                          f"run trained on '{dataset}'.")
+    for k in SPLIT_KEYS[1:]:
+        if k in overrides and overrides[k] is not None and overrides[k] != ocfg.get(k):
+            raise ConfigError(f"{k}={overrides[k]!r} differs from the old run's {k}={ocfg.get(k)!r}; the new run must "
+                              f"use the old run's split (same test classes). Drop {k}= or train a matching old run.")
+    scen = scenario or ocfg["scenario"]
+    if scen != ocfg["scenario"]:
+        ds = load_dataset(ocfg["dataset"], root=ocfg.get("data_root"), **(ocfg.get("dataset_kw") or {}))
+        kw = dict(old_ratio=ocfg["old_ratio"], seed=ocfg["split_seed"], test_ratio=ocfg["test_ratio"], keys=ds.keys)
+        a, b = make_split(ds.labels, ocfg["scenario"], **kw), make_split(ds.labels, scen, **kw)
+        if not (np.array_equal(a.old, b.old) and np.array_equal(a.test, b.test)):
+            raise ConfigError(f"the old run {run.path} was trained on the old part of the '{ocfg['scenario']}' split, "
+                              f"which is not the old part of '{scen}'. Train an old model for it (train_old.ipynb "
+                              f"-p scenario {scen}) or use scenario='{ocfg['scenario']}'.")
+    split = {k: ocfg.get(k) for k in SPLIT_KEYS}
+    kw = {**split, **{k: v for k, v in overrides.items() if v is not None}, "scenario": scen,
+          "dim": int(info["dim"]) if dim is None else int(dim), "method": method, "method_kw": dict(method_kw or {}),
+          "old_run": str(run.path.resolve())}
+    cfg = TrainConfig.make(preset, "new", **kw)
+    check_method(cfg, m, info)
+    return cfg
 
 # %% ../nbs/05_train.ipynb #b26c47da
 def old_model_id(old_run) -> str:
@@ -445,22 +498,15 @@ def train(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     spe = len(epoch_order(len(data.positions), 0, cfg.seed, rank, world)) // b
     _check_batches(len(data.positions), cfg)
     total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
-    augment = BatchAugment(flip=cfg.aug_flip, rrc_scale=cfg.aug_rrc, rrc_ratio=tuple(cfg.aug_ratio), jitter=cfg.aug_jitter)
+    augment = _augment(cfg)
     backbone = create_backbone(cfg.backbone, dim=cfg.dim, **cfg.backbone_kw)
     head = create_head(cfg.head, cfg.dim, data.num_classes, s=cfg.s, m=cfg.m, bias=cfg.head_bias)
     method = get_method(cfg.method, **cfg.method_kw)
-    if method.old_features == "cached" and (cfg.aug_rrc is not None or cfg.aug_jitter > 0):
-        raise ConfigError(f"method '{cfg.method}' uses cached old features, which match only flip-only augmentation; "
-                          "set aug_rrc=None and aug_jitter=0 (the face recipe), or pick a method with online old features")
     old_bb = old_head = None; old_info = {}
-    if method.needs_old and not cfg.old_run:
-        raise ConfigError(f"method '{cfg.method}' needs an old model: set old_run to the old model's run folder (from train_old.ipynb)")
     if cfg.old_run:
         old_bb, old_head, old_info = load_model(cfg.old_run, device=dev)
         freeze(old_bb); freeze(old_head)
-        if method.equal_dims and old_info["dim"] != cfg.dim:
-            raise ConfigError(f"embedding dimension mismatch: the old model {cfg.old_run} has dim={old_info['dim']} but this run "
-                              f"has dim={cfg.dim}; method '{cfg.method}' needs equal dims. Set dim={old_info['dim']}, or use a method that allows a projection: {projection_methods()}.")
+    check_method(cfg, method, old_info)     # Method.check: old model given, equal dims, cached features vs augmentation
     backbone.to(dev); head.to(dev)
     ctx = MethodContext(old_backbone=old_bb, old_head=old_head, old_info=old_info, new_backbone=backbone, new_head=head,
                         train_set=data.train_set, train_global_labels=data.global_labels.numpy(), split=data.split,

@@ -114,3 +114,82 @@ def test_jupyter_server_lists_and_executes_notebook(tmp_path):
         srv.terminate()
         try: srv.wait(20)
         except subprocess.TimeoutExpired: srv.kill()
+
+
+# ------------------------------------------------------------------------------------- the package's import graph
+# Every `import bctnb.x` / `from bctnb.x import …` / `from .x import …` / `importlib.import_module("bctnb.x")` counts,
+# at module level AND inside functions: a function-local import of a later module from an earlier one is a cycle that
+# only shows at call time. Imports of packages outside bctnb (optional heavy dependencies loaded lazily) are not edges.
+import ast
+
+
+def bctnb_import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    "module name -> the bctnb modules its source imports anywhere (sources: module name -> Python source)"
+    mods = set(sources)
+    def target(name):
+        parts = (name or "").split(".")
+        return parts[1] if parts[0] == "bctnb" and len(parts) > 1 else None
+    graph = {}
+    for mod, text in sources.items():
+        deps = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                deps |= {target(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0 and node.module == "bctnb" or node.level == 1 and node.module is None:
+                    deps |= {a.name for a in node.names}                    # from bctnb import x / from . import x
+                elif node.level == 0: deps.add(target(node.module))
+                elif node.level == 1: deps.add(node.module.split(".")[0])   # from .x import y
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                  and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                deps.add(target(node.args[0].value))
+        graph[mod] = (deps & mods) - {mod}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    "One import cycle as a path [a, b, …, a], or None when the graph is acyclic"
+    state, stack = {}, []
+    def visit(m):
+        state[m] = "open"; stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open": return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)): return c
+        state[m] = "done"; stack.pop()
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)): return c
+    return None
+
+
+def _package_sources() -> dict[str, str]:
+    return {p.stem: p.read_text() for p in (ROOT / "bctnb").glob("*.py") if p.stem not in ("__init__", "_modidx")}
+
+
+def test_cycle_finder_sees_function_local_and_dynamic_imports():
+    assert find_cycle(bctnb_import_graph({"a": "from .b import f", "b": "import numpy\nfrom bctnb.c import g"})) is None
+    local = {"a": "from .b import f", "b": "def f():\n    from bctnb.a import g\n    return g"}
+    assert find_cycle(bctnb_import_graph(local)) == ["a", "b", "a"]
+    dynamic = {"a": "import bctnb.b", "b": "x = 1", "c": "from . import a", "d": "def f(): importlib.import_module('bctnb.c')"}
+    dynamic["b"] = "from bctnb import d"
+    assert find_cycle(bctnb_import_graph(dynamic)) == ["a", "b", "d", "c", "a"]
+
+
+def test_package_imports_are_acyclic():
+    graph = bctnb_import_graph(_package_sources())
+    assert graph["losses"] >= {"prototypes", "models", "core"} and "losses" in graph["train"]    # the parser sees edges
+    cycle = find_cycle(graph)
+    assert cycle is None, (f"import cycle in bctnb: {' -> '.join(cycle)}. Move the shared code into the earlier module "
+                           "(by notebook number) so that only later modules import earlier ones")
+
+
+def test_modules_import_only_earlier_notebooks():
+    "Notebook order is the layering: nbs/NN_x.ipynb exports a module that imports only modules of smaller NN"
+    order = {}
+    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+        src = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"][:3])
+        mod = next(l.split()[-1] for l in src.splitlines() if l.startswith("#| default_exp"))
+        order[mod] = int(nb.name[:2])
+    graph = bctnb_import_graph(_package_sources())
+    assert set(order) == set(graph), f"modules without a numbered notebook: {set(graph) ^ set(order)}"
+    bad = [f"{m} (nbs/{order[m]:02d}) imports {d} (nbs/{order[d]:02d})" for m in graph for d in graph[m] if order[d] >= order[m]]
+    assert not bad, "a module imports a later notebook's module: " + "; ".join(sorted(bad))

@@ -12,7 +12,8 @@ os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
 from bctnb.core import ConfigError, IntegrityError, NotFoundError
 from bctnb.data import ArrayDataset, BatchAugment, normalize
 from bctnb.losses import (Batch, MethodContext, Method, METHODS, available_methods, get_method, weakened_l2_loss,
-                          ract_loss, floor_frac, new_run_config)
+                          ract_loss, floor_frac)
+from bctnb.train import new_run_config
 from bctnb.models import Head, create_backbone
 from bctnb.prototypes import (artefact, load_artefact, refine_prototypes, class_means, credible_mask, keep_count)
 

@@ -221,7 +221,7 @@ def test_dim_mismatch_with_old_model(tmp_path, old_run):
 
 
 def test_method_needing_old_model_without_one(tmp_path):
-    with pytest.raises(ConfigError, match="needs an old model"):
+    with pytest.raises(ConfigError, match="needs the old model, but none was given"):
         train(smoke("new", method="_test_old_online", max_steps=2, dim=16), root=tmp_path)
 
 

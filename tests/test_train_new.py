@@ -7,7 +7,8 @@ import pytest
 
 os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
 from bctnb.core import ConfigError, NotFoundError, Run
-from bctnb.losses import available_methods, new_run_config
+from bctnb.losses import available_methods
+from bctnb.train import new_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
