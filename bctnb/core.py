@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # %% auto #0
-__all__ = ['UNSET', 'BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json', 'sha256_bytes',
-           'sha256_file', 'config_hash', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'Registry', 'check',
-           'check_choice', 'check_range', 'Config', 'unset_none', 'safe_name', 'derive_seed', 'seed_everything',
-           'make_generator', 'rng_state', 'set_rng_state', 'cpu_description', 'Precision', 'select_precision',
-           'available_devices', 'check_nproc', 'project_root', 'data_home', 'runs_home', 'environment', 'run_hash',
-           'Run', 'RunRegistry', 'progress']
+__all__ = ['UNSET', 'RUN_LOCK_ENV', 'BctnbError', 'ConfigError', 'NotFoundError', 'IntegrityError', 'canonical_json', 'dump_json',
+           'sha256_bytes', 'sha256_file', 'config_hash', 'atomic_path', 'atomic_write', 'save_json', 'load_json',
+           'Registry', 'check', 'check_choice', 'check_range', 'Config', 'unset_none', 'safe_name', 'derive_seed',
+           'seed_everything', 'make_generator', 'rng_state', 'set_rng_state', 'cpu_description', 'Precision',
+           'select_precision', 'available_devices', 'check_nproc', 'project_root', 'data_home', 'runs_home',
+           'environment', 'run_hash', 'Run', 'RunRegistry', 'RunLockedError', 'RunLock', 'progress']
 
 # %% ../nbs/00_core.ipynb #3439a752
 import numpy as np
@@ -528,6 +528,105 @@ class RunRegistry:
             last = m.iloc[-1].to_dict() if len(m) else {}
             rows.append({"id": r.id, "name": r.name, "status": st.get("status"), "wall_s": st.get("wall_s"), **{f"last_{k}": v for k, v in last.items()}})
         return pd.DataFrame(rows)
+
+# %% ../nbs/00_core.ipynb #8831662c
+import fcntl, socket, time
+
+class RunLockedError(BctnbError):
+    "Another process is training the same run folder (it holds `<run folder>/run.lock`)."
+
+RUN_LOCK_ENV = "BCTNB_RUN_LOCK_HELD"   # the run folder whose lock a launcher holds on behalf of its workers
+
+def _pid_alive(pid) -> bool:
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return False
+    except (PermissionError, ValueError, TypeError, OverflowError): return True
+    return True
+
+class RunLock:
+    "Exclusive `flock` on `<run folder>/run.lock` (owner pid, host, start time inside); a context manager"
+    def __init__(self, path, wait: bool | float = False, poll: float = 0.2):
+        self.path, self.wait, self.poll = Path(path), self.check_wait(wait), poll
+        self.file, self._fd, self.taken_over = self.path/"run.lock", None, None
+
+    @staticmethod
+    def check_wait(wait):
+        "`wait` (a launcher's `lock_wait`) must be False, True or a number of seconds >= 0"
+        ok = isinstance(wait, bool) or (isinstance(wait, (int, float)) and math.isfinite(wait) and wait >= 0)
+        check(ok, f"lock_wait={wait!r} is not valid; pass False (refuse if the run is busy), True (wait for it) "
+                  "or a number of seconds >= 0 to wait at most")
+        return wait
+
+    def owner(self) -> dict | None:
+        "The owner record in the lock file (None if empty or unreadable)"
+        try: return json.loads(self.file.read_text() or "null")
+        except (OSError, json.JSONDecodeError): return None
+
+    def _who(self, o: dict | None) -> str:
+        if not o: return f"another process (its pid is not written to {self.file} yet)"
+        return f"pid {o.get('pid')} on host {o.get('host')} (started {o.get('started')})"
+
+    def _busy_owner(self) -> dict | None:
+        "Owner record of a held lock; re-read briefly while it is empty or names a dead pid (a new owner is writing it)"
+        for _ in range(10):
+            o = self.owner()
+            if o and (o.get("host") != socket.gethostname() or _pid_alive(o.get("pid"))): return o
+            time.sleep(0.05)
+        return o
+
+    def _refusal(self, o: dict | None, waited: float) -> str:
+        pid, host = (o or {}).get("pid", "?"), (o or {}).get("host", "?")
+        head = f"still locked after waiting {waited:.1f} s: " if self.wait else ""     # wait=0/False: refused at once
+        ghost = ""
+        if o and host == socket.gethostname() and not _pid_alive(pid):
+            ghost = (f" (pid {pid} is no longer running, yet the lock is held: a process it started still has "
+                     f"{self.file} open; `fuser -v {self.file}` names it)")
+        return (f"{head}run folder {self.path} is being trained by {self._who(o)}{ghost}. Two launches of the same run "
+                f"cannot train it at once. Wait for it to finish (the finished run is then returned without training "
+                f"again), pass lock_wait=True (or a number of seconds) to wait for it, or, if it is stuck, stop it "
+                f"with "
+                + (f"`kill {pid}` on {host}." if o else f"the process that `fuser -v {self.file}` names."))
+
+    def acquire(self) -> "RunLock":
+        "Take the lock (refuse, or wait per `wait`); report and take over a stale owner record"
+        check(self._fd is None, f"this RunLock already holds {self.file}")
+        if not self.path.is_dir():
+            raise NotFoundError(f"run folder {self.path} does not exist; create the run (Run.create) before locking it")
+        fd, t0, said = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666), time.monotonic(), False
+        try:
+            while True:
+                try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+                except BlockingIOError: pass
+                o, waited = self._busy_owner(), time.monotonic() - t0
+                if self.wait is not True and waited >= float(self.wait): raise RunLockedError(self._refusal(o, waited))
+                if not said: print(f"[bctnb] {self.path.name} is being trained by {self._who(o)}; waiting", flush=True)
+                said = True
+                time.sleep(self.poll)
+            prev = self.owner()
+            if prev:
+                gone = ("no longer runs" if prev.get("host") == socket.gethostname() and not _pid_alive(prev.get("pid"))
+                        else "ended without releasing it")
+                print(f"[bctnb] {self.path.name}: taking over the stale run lock of {self._who(prev)}; "
+                      f"that process {gone}", flush=True)
+            rec = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "argv": sys.argv[:4]}
+            os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd); raise
+        self._fd, self.taken_over = fd, prev
+        return self
+
+    def release(self):
+        "Empty the owner record and drop the lock (idempotent)"
+        if self._fd is None: return
+        fd, self._fd = self._fd, None
+        try: os.ftruncate(fd, 0)
+        finally: os.close(fd)                      # closing the last descriptor drops the flock
+
+    @property
+    def held(self) -> bool: return self._fd is not None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __repr__(self): return f"RunLock({self.path}, {'held' if self.held else 'free'})"
 
 # %% ../nbs/00_core.ipynb #86779b74
 def progress(iterable=None, rank: int = 0, **kwargs):

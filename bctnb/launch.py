@@ -17,6 +17,7 @@ __all__ = ['LaunchError', 'torchrun_command', 'torchrun']
 # %% ../nbs/06_launch.ipynb #82a5ea98
 import bctnb
 from .core import BctnbError, NotFoundError, Config, Run, check, check_nproc, load_json
+from .core import RUN_LOCK_ENV, RunLock, RunLockedError
 
 # %% ../nbs/06_launch.ipynb #f3be98dc
 class LaunchError(BctnbError, RuntimeError):
@@ -70,51 +71,61 @@ def _stream(proc, echo: bool, tail: deque, timeout: float | None):
 # %% ../nbs/06_launch.ipynb #ac4ae0c8
 def torchrun(target: str = "bctnb.train", config: Config | None = None, nproc: int | None = None, nnodes: int | None = None,
              max_restarts: int = 0, extra_args: Sequence[str] = (), run_root=None, env: dict | None = None, force: bool = False,
-             omp_threads: int = 1, timeout: float | None = None, echo: bool = True, device: str | None = None) -> Path:
-    "Run `target` (module or script) under torchrun on the run folder of `config`; stream output; return the run folder"
+             omp_threads: int = 1, timeout: float | None = None, echo: bool = True, device: str | None = None,
+             lock_wait: bool | float = False) -> Path:
+    """Run `target` (module or script) under torchrun on the run folder of `config`; stream output; return the run folder.
+    Holds the folder's `RunLock` for the whole launch: another launch of the same run is refused (`lock_wait=False`) or
+    waited for (`True`, or at most that many seconds)"""
     check(config is not None and hasattr(config, "to_dict"), "torchrun needs a config object (e.g. bctnb.train.TrainConfig)")
     nproc = getattr(config, "nproc", 1) if nproc is None else nproc
     nnodes = getattr(config, "nnodes", 1) if nnodes is None else nnodes
     check_nproc(nproc, device or getattr(config, "device", "auto"))
     check(isinstance(nnodes, int) and nnodes >= 1, f"nnodes={nnodes!r} must be a positive integer")
     check(isinstance(max_restarts, int) and max_restarts >= 0, f"max_restarts={max_restarts!r} must be an integer >= 0")
+    RunLock.check_wait(lock_wait)
     kw = {k: v for k, v in (("nproc", nproc), ("nnodes", nnodes)) if hasattr(config, k) and getattr(config, k) != v}
     if kw: config = config.replace(**kw)                       # the process count is part of the recipe (and the hash)
     if hasattr(config, "prepare"): config.prepare()            # fail early, in this process (missing data, old run...)
     name = getattr(config, "run_name", None) or target.rsplit(".", 1)[-1].removesuffix(".py")
     run = Run.create(name, config, run_root)
-    if run.done and not force:
-        print(f"[bctnb] {run.id} is already done; returning it (force=True trains again)")
+    with RunLock(run.path, wait=lock_wait):                    # one launch per run folder, restarts included
+        if run.done and not force:
+            print(f"[bctnb] {run.id} is already done; returning it (force=True trains again)")
+            return run.path
+        if force and run.done:
+            import shutil
+            for sub in ("ckpt", "model"): shutil.rmtree(run.path/sub, ignore_errors=True)
+            for f in ("metrics.jsonl", "summary.json", "artefacts.json"): (run.path/f).unlink(missing_ok=True)
+            run.set_status("created")
+        err_file = run.path/"error.json"; err_file.unlink(missing_ok=True)
+        root = str(Path(bctnb.__file__).resolve().parent.parent)
+        penv = {**os.environ, **(env or {})}
+        penv.setdefault("OMP_NUM_THREADS", str(omp_threads))
+        penv["PYTHONPATH"] = os.pathsep.join(filter(None, [root, penv.get("PYTHONPATH")]))
+        penv["PYTHONUNBUFFERED"] = "1"
+        if run_root is not None: penv["BCTNB_RUNS"] = str(Path(run_root).resolve())
+        penv[RUN_LOCK_ENV] = str(run.path.resolve())             # the workers' train() must not lock it again
+        cmd = torchrun_command(target, [str(run.path)], nproc=nproc, nnodes=nnodes, max_restarts=max_restarts,
+                               extra_args=extra_args)
+        print(f"[bctnb] {' '.join(cmd)}", flush=True)
+        tail = deque(maxlen=60)
+        proc = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try: code = _stream(proc, echo, tail, timeout)
+        except BaseException:
+            if proc.poll() is None: proc.kill(); proc.wait()
+            raise
+        if code != 0:
+            if err_file.exists():
+                e = load_json(err_file, "worker error")
+                cls = _error_class(e["type"])
+                if cls is not LaunchError: raise cls(e["message"])
+                raise LaunchError(f"torchrun exited with code {code}; worker rank {e.get('rank')} failed with "
+                                  f"{e['type']}: {e['message']}\n{e.get('traceback', '')[-3000:]}")
+            worker = [l for l in tail
+                      if not l.startswith(("[W", "[I", "W1", "I1", "E1")) and "torch.distributed.elastic" not in l]
+            raise LaunchError(f"torchrun exited with code {code}. Last worker output:\n" + "\n".join(worker[-30:]))
+        if not Run(run.path).done:
+            raise LaunchError(f"torchrun exited 0 but run {run.id} is not marked done; see {run.path}/status.json "
+                              "and the output above")
         return run.path
-    if force and run.done:
-        import shutil
-        for sub in ("ckpt", "model"): shutil.rmtree(run.path/sub, ignore_errors=True)
-        for f in ("metrics.jsonl", "summary.json", "artefacts.json"): (run.path/f).unlink(missing_ok=True)
-        run.set_status("created")
-    err_file = run.path/"error.json"; err_file.unlink(missing_ok=True)
-    root = str(Path(bctnb.__file__).resolve().parent.parent)
-    penv = {**os.environ, **(env or {})}
-    penv.setdefault("OMP_NUM_THREADS", str(omp_threads))
-    penv["PYTHONPATH"] = os.pathsep.join(filter(None, [root, penv.get("PYTHONPATH")]))
-    penv["PYTHONUNBUFFERED"] = "1"
-    if run_root is not None: penv["BCTNB_RUNS"] = str(Path(run_root).resolve())
-    cmd = torchrun_command(target, [str(run.path)], nproc=nproc, nnodes=nnodes, max_restarts=max_restarts, extra_args=extra_args)
-    print(f"[bctnb] {' '.join(cmd)}", flush=True)
-    tail = deque(maxlen=60)
-    proc = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try: code = _stream(proc, echo, tail, timeout)
-    except BaseException:
-        if proc.poll() is None: proc.kill(); proc.wait()
-        raise
-    if code != 0:
-        if err_file.exists():
-            e = load_json(err_file, "worker error")
-            cls = _error_class(e["type"])
-            if cls is not LaunchError: raise cls(e["message"])
-            raise LaunchError(f"torchrun exited with code {code}; worker rank {e.get('rank')} failed with {e['type']}: {e['message']}\n"
-                              f"{e.get('traceback', '')[-3000:]}")
-        worker = [l for l in tail if not l.startswith(("[W", "[I", "W1", "I1", "E1")) and "torch.distributed.elastic" not in l]
-        raise LaunchError(f"torchrun exited with code {code}. Last worker output:\n" + "\n".join(worker[-30:]))
-    if not Run(run.path).done:
-        raise LaunchError(f"torchrun exited 0 but run {run.id} is not marked done; see {run.path}/status.json and the output above")
-    return run.path

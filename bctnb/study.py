@@ -182,13 +182,14 @@ def _reuse_result(study_dir, job: Job, name: str) -> bool:
 
 def _train(job: Job, old_dir, run_root) -> Path:
     """Train one job as a single-process torchrun job (returns at once if its run folder is already done).
-    Jobs with the same training config (e.g. `independent` and `fct`) share one run: the second waits for the first."""
+    Jobs with the same training config (e.g. `independent` and `fct`) share one run: the second waits for the first
+    (in this process on a thread lock; another study process waits on the run folder's `RunLock`, `lock_wait=True`)."""
     from bctnb.launch import torchrun
     cfg = job.config(old_dir)
     with _RUN_LOCKS_GUARD: lock = _RUN_LOCKS.setdefault(cfg.hash(), threading.Lock())
     with lock:
         _from_zoo(cfg, run_root)
-        return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False)
+        return torchrun("bctnb.train", cfg, nproc=1, run_root=run_root, echo=False, lock_wait=True)
 
 def _from_zoo(cfg, run_root=None, zoo=None) -> bool:
     """Restore a finished run with exactly this run id from the model zoo into the run root, if the root lacks it.

@@ -480,7 +480,7 @@ def _gather_rngs(info: DistInfo) -> list:
     dist.all_gather_object(out, mine)
     return out
 
-def train(cfg: TrainConfig, run_dir=None, root=None) -> Path:
+def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     "Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under torchrun"
     info, prec = init_distributed(cfg)
     rank, world = info.rank, info.world_size
@@ -631,6 +631,18 @@ def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int
     dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=[p.tolist() for p in batches], num_workers=cfg.num_workers,
                                      worker_init_fn=init, persistent_workers=False)
     for (imgs, _, idx), pos in zip(dl, batches): yield imgs, pos
+
+# %% ../nbs/05_train.ipynb #f3c283c7
+from .core import RUN_LOCK_ENV, RunLock
+
+def train(cfg: TrainConfig, run_dir=None, root=None, lock_wait: bool | float = False) -> Path:
+    """Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under
+    torchrun. Holds the run's `RunLock` (refuse if busy, or wait per `lock_wait`) unless its launcher holds it"""
+    RunLock.check_wait(lock_wait)
+    run = Run(run_dir) if run_dir is not None else Run.create(cfg.run_name, cfg, root)
+    if os.environ.get(RUN_LOCK_ENV) == str(run.path.resolve()) or int(os.environ.get("RANK", 0)) != 0:
+        return _train_unlocked(cfg, run_dir=run.path)
+    with RunLock(run.path, wait=lock_wait): return _train_unlocked(cfg, run_dir=run.path)
 
 # %% ../nbs/05_train.ipynb #3835d3ab
 def _write_error(run_dir: Path, e: BaseException, rank: int):
