@@ -17,11 +17,11 @@ __all__ = ['SCENARIOS', 'SPLIT_PARTS', 'DATASETS', 'EMOJI_PACKAGES', 'EMOJI_STYL
            'ARCFACE_TEMPLATE', 'IJBC_LAYOUT', 'IJBC_WHERE', 'GLDV2_LAYOUT', 'GLDV2_WHERE', 'REVISITED_LAYOUT',
            'REVISITED_WHERE', 'MARKET_LAYOUT', 'MARKET_WHERE', 'ImageDataset', 'SubsetDataset', 'ArrayDataset',
            'normalize', 'BatchAugment', 'Split', 'make_split', 'load_dataset', 'available_datasets', 'load_synthetic',
-           'emoji_home', 'fetch_emoji_packages', 'emoji_catalogue', 'render_emoji', 'build_emoji', 'load_emoji',
-           'decode_image', 'FileImageDataset', 'load_folder', 'pack_record', 'unpack_record', 'encode_recordio',
-           'write_recordio', 'RecordIOReader', 'RecordIODataset', 'load_ms1mv3_rec', 'similarity_transform',
-           'align_face', 'IJBCDataset', 'load_ijbc', 'gldv2_path', 'load_gldv2', 'safe_load_pickle', 'load_roxford5k',
-           'load_rparis6k', 'load_market1501']
+           'dataset_args', 'emoji_home', 'fetch_emoji_packages', 'emoji_catalogue', 'render_emoji', 'build_emoji',
+           'load_emoji', 'decode_image', 'FileImageDataset', 'load_folder', 'pack_record', 'unpack_record',
+           'encode_recordio', 'write_recordio', 'RecordIOReader', 'RecordIODataset', 'load_ms1mv3_rec',
+           'similarity_transform', 'align_face', 'IJBCDataset', 'load_ijbc', 'gldv2_path', 'load_gldv2',
+           'safe_load_pickle', 'load_roxford5k', 'load_rparis6k', 'load_market1501']
 
 # %% ../nbs/01_data.ipynb #e58bea75
 import numpy as np
@@ -434,6 +434,21 @@ def load_synthetic(root=None, num_classes: int = 20, per_class: int = 5, size: i
             imgs[c * per_class + j] = np.clip(im * 255 + 0.5, 0, 255).astype(np.uint8)
     labels = np.repeat(np.arange(num_classes), per_class)
     return ArrayDataset(imgs, labels, [f"{c:04d}_{j}" for c in range(num_classes) for j in range(per_class)], name="synthetic")
+
+# %% ../nbs/01_data.ipynb #7c322816
+def dataset_args(dataset: str, data_root=None, dataset_kw: dict | None = None) -> tuple[str | None, dict]:
+    """`(root, kw)` for `load_dataset(dataset, root, **kw)`: a `root` inside `dataset_kw` is taken as `data_root`;
+    a folder given both ways is a `ConfigError` (pass one)"""
+    check(dataset_kw is None or isinstance(dataset_kw, dict),
+          f"dataset_kw={dataset_kw!r} must be a dict of the {dataset} loader's arguments, e.g. {{\"size\": 32}}")
+    kw = dict(dataset_kw or {})
+    kw_root = kw.pop("root", None)
+    if data_root is not None and kw_root is not None:
+        raise ConfigError(f"{dataset}: the data folder is given twice, data_root={str(data_root)!r} and "
+                          f"dataset_kw['root']={str(kw_root)!r}; pass one of them, e.g. data_root "
+                          "(papermill: -p data_root <folder>) and no 'root' in dataset_kw")
+    root = data_root if data_root is not None else kw_root
+    return (None if root is None else str(root)), kw
 
 # %% ../nbs/01_data.ipynb #ea87ada2
 EMOJI_PACKAGES = {   # npm package -> (pinned version, sha256 of the registry tarball, artwork licence)

@@ -946,9 +946,10 @@ def pair_tar(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float 
 
 def split_images(config, which: str = "test") -> tuple[np.ndarray, np.ndarray]:
     "(uint8 images, global labels) of one part ('test', 'old', 'new') of a training config's dataset and split"
-    from bctnb.data import load_dataset, make_split
+    from bctnb.data import dataset_args, load_dataset, make_split
     c = config if isinstance(config, dict) else config.to_dict()
-    ds = load_dataset(c["dataset"], root=c.get("data_root"), **(c.get("dataset_kw") or {}))
+    root, kw = dataset_args(c["dataset"], c.get("data_root"), c.get("dataset_kw"))
+    ds = load_dataset(c["dataset"], root=root, **kw)
     sp = make_split(ds.labels, c["scenario"], c["old_ratio"], c["split_seed"], c["test_ratio"], keys=ds.keys)
     idx = sp.indices(which)
     return ds.subset(idx).images_uint8(), np.asarray(ds.labels)[idx]

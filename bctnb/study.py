@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 # %% auto #0
 __all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
            'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'fit_fct',
-           'evaluate_pair', 'result_path', 'run_study', 'load_results', 'add_derived', 'summary_table', 'verdicts',
-           'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
+           'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results', 'add_derived', 'summary_table',
+           'verdicts', 'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
            'old_model_table', 'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce',
            'sweep_jobs', 'run_sweep', 'zoo_home', 'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown',
            'paper_commands', 'paper_plan_or_refuse']
@@ -90,10 +90,11 @@ def parse_method(spec: str) -> tuple[str, dict]:
 def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], seeds: Sequence[int] | None = None,
                old_variants: Sequence[str] = ("softmax128",), refresh_methods: Sequence[str] = (),
                method_kw: dict | None = None, dataset: str = "emoji", dataset_kw: dict | None = None,
-               extra: dict | None = None) -> list[Job]:
-    "Old jobs (shared across scenarios with the same old split) followed by new jobs, one per scenario × method × seed × old variant"
+               extra: dict | None = None, data_root=None, batch_size: int | None = None) -> list[Job]:
+    """Old jobs (shared across scenarios with the same old split) followed by new jobs, one per scenario × method ×
+    seed × old variant. `data_root`, `dataset_kw` and `batch_size` go into every job, old and new"""
     info = scale_info(scale)
-    from bctnb.data import SCENARIOS
+    from bctnb.data import SCENARIOS, dataset_args
     from bctnb.losses import available_methods, get_method
     for s in scenarios: check_choice("scenario", s, SCENARIOS)
     for m in methods:
@@ -103,7 +104,14 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
     for v in old_variants: check_choice("old variant", v, OLD_VARIANTS)
     seeds = tuple(info["seeds"] if seeds is None else seeds)
     extra, method_kw = dict(extra or {}), dict(method_kw or {})
-    if dataset_kw: extra["dataset_kw"] = dict(dataset_kw)
+    data_root, dataset_kw = dataset_args(dataset, data_root, dataset_kw)
+    if dataset == "folder" and scale != "paper": dataset_kw.setdefault("size", 32)   # the CPU tier's 32 px images
+    if dataset_kw: extra["dataset_kw"] = dataset_kw
+    if data_root is not None: extra["data_root"] = data_root         # only when set: default plans keep their job ids
+    if batch_size is not None:
+        check(isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1,
+              f"batch_size={batch_size!r} must be a positive integer (papermill: -p batch_size 32)")
+        extra["batch_size"] = batch_size
     olds, jobs = {}, []
     for v in old_variants:
         for seed in seeds:
@@ -255,6 +263,28 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         raise BctnbError(f"{len(failures)} job(s) failed: " + "; ".join(f"{k}: {v[:300]}" for k, v in failures.items())
                          + f". Finished results are kept in {study_dir/'runs'}; re-run the study to retry only the missing jobs.")
     return load_results(study_dir)
+
+# %% ../nbs/08_study.ipynb #31b3a50e
+def check_batches(jobs: Sequence[Job]):
+    "Raise a `ConfigError` naming `-p batch_size` and the split size if a job's batch is larger than its training split"
+    from bctnb.data import load_dataset, make_split
+    data, seen = {}, set()
+    for j in jobs:
+        c = j.config()
+        dkey = (c.dataset, c.data_root, json.dumps(c.dataset_kw, sort_keys=True))
+        key = (dkey, c.scenario, c.old_ratio, c.split_seed, c.test_ratio, c.role, c.batch_size, c.world_size)
+        if key in seen: continue
+        seen.add(key)
+        if dkey not in data: data[dkey] = load_dataset(c.dataset, c.data_root, **c.dataset_kw)
+        ds = data[dkey]
+        sp = make_split(ds.labels, c.scenario, c.old_ratio, c.split_seed, c.test_ratio, keys=ds.keys)
+        n = len(sp.indices(c.role))
+        if n // c.batch_size < 1:
+            fit = 2 ** int(math.log2(n)) if n else 1
+            raise ConfigError(f"{j.label}: the {c.role} training split of {c.dataset} ({c.scenario}, split seed "
+                              f"{c.split_seed}) has {n} images, fewer than one batch of {c.batch_size}. Pass a smaller "
+                              f"batch, at most {n}: -p batch_size {fit} (papermill) or batch_size={fit} (plan_study); "
+                              "or add images")
 
 # %% ../nbs/08_study.ipynb #6c46adad
 METRICS = ("mAP", "R@1", "TAR")
@@ -582,6 +612,7 @@ def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str
     study_dir = Path(out_dir or project_root()/"reports"/name)
     if reference is not None and Path(reference).resolve() == study_dir.resolve():
         raise ConfigError(f"reference={reference} is the study's own folder; write the study elsewhere (out_dir) to compare it with its reference")
+    check_batches(jobs)
     run_study(name, jobs, study_dir, run_root, workers)
     return write_report(name, study_dir, title, intro, scale, reference)
 

@@ -28,7 +28,7 @@ from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Confi
                         check_choice, check_range, atomic_path, save_json, load_json, sha256_file, seed_everything,
                         make_generator, derive_seed, rng_state, set_rng_state, select_precision, progress)
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
-from .data import DATASETS, BatchAugment, load_dataset, make_split, SCENARIOS
+from .data import DATASETS, BatchAugment, dataset_args, load_dataset, make_split, SCENARIOS
 from .losses import METHODS, Batch, MethodContext, Method, get_method
 
 # %% ../nbs/05_train.ipynb #be490d28
@@ -100,6 +100,7 @@ class TrainConfig(Config):
         for reg, v, what in ((DATASETS, self.dataset, "dataset"), (BACKBONES, self.backbone, "backbone"),
                              (HEADS, self.head, "head"), (METHODS, self.method, "method")):
             reg.get(v)                      # unknown name → ConfigError listing the valid ones
+        self.data_root, self.dataset_kw = dataset_args(self.dataset, self.data_root, self.dataset_kw)
         check_choice("scenario", self.scenario, SCENARIOS)
         check_choice("role", self.role, ROLES)
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -334,7 +335,7 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
 def _check_batches(n: int, cfg: TrainConfig):
     check(n // cfg.world_size // (cfg.batch_size // cfg.world_size) >= 1,
           f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) has {n} images, fewer than one global batch of {cfg.batch_size}; "
-          f"lower batch_size (or use a larger dataset)")
+          f"lower batch_size to at most {n} (papermill: -p batch_size <n>) or use a larger dataset")
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
     "This rank's training-row order for `epoch` (DistributedSampler: seeded shuffle, drop-last)"
