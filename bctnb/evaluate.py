@@ -158,7 +158,7 @@ def _labels(x, n, what):
 
 def retrieval_metrics(query_feats, gallery_feats, labels, ks=(1, 5, 10), *, gallery_labels=None,
                       gallery_transform: Callable | None = None, per_query: bool = False) -> dict:
-    """Class-disjoint retrieval (protocols §2.2): mAP and R@k (CMC top-k) over queries with ≥1 relevant item.
+    """Class-disjoint retrieval: mAP and R@k (CMC top-k) over queries with ≥1 relevant item.
     Leave-one-out (query i never retrieves gallery item i) unless `gallery_labels` gives a separate gallery."""
     q, g = prepare_pair(query_feats, gallery_feats, gallery_transform)
     ql = _labels(labels, len(q), "labels")
@@ -401,7 +401,7 @@ def ijbc_pair_scores(template_ids, t1_feats, t2_feats, p1, p2, chunk: int = 1 <<
     return out
 
 def ijbc_verification(template_ids, old_feats, new_feats, p1, p2, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
-    """IJB-C 1:1 TAR@FAR for every role (protocols §0): old/old, self (new/new), cross (t1 old, t2 new — MX orientation)
+    """IJB-C 1:1 TAR@FAR for every role: old/old, self (new/new), cross (t1 old, t2 new — MX orientation)
     and cross_swapped (t1 new, t2 old). `old_feats`/`new_feats` are template features from `ijbc_templates`."""
     out = {}
     for role, a, b in (("old/old", old_feats, old_feats), ("self", new_feats, new_feats),
@@ -533,7 +533,7 @@ def compatibility_summary(C, ties: str = "fail") -> dict:
 
 # %% ../nbs/07_evaluate.ipynb #82b09de7
 def loo_scorer(labels, ks=(1, 5, 10)) -> Callable:
-    "Leave-one-out class-disjoint retrieval (§2.2) as a scorer"
+    "Leave-one-out class-disjoint retrieval as a scorer"
     lab = np.asarray(labels).ravel()
     def score(q, g):
         q, g = prepare_pair(q, g)
@@ -543,7 +543,7 @@ def loo_scorer(labels, ks=(1, 5, 10)) -> Callable:
     return score
 
 def split_scorer(query_labels, gallery_labels, ks=(1, 5, 10)) -> Callable:
-    "Retrieval with a separate gallery (§2.2 split-gallery variant) as a scorer"
+    "Retrieval with a separate gallery (class-disjoint leave-one-out retrieval split-gallery variant) as a scorer"
     ql, gl = np.asarray(query_labels).ravel(), np.asarray(gallery_labels).ravel()
     def score(q, g):
         q, g = prepare_pair(q, g)
@@ -552,7 +552,7 @@ def split_scorer(query_labels, gallery_labels, ks=(1, 5, 10)) -> Callable:
     return score
 
 def revisited_scorer(gnd, ks=(1, 5, 10)) -> Callable:
-    "Revisited Oxford/Paris (§2.3) as a scorer: flat keys mAP/mP@k (Medium) plus easy_/hard_ prefixed ones"
+    "Revisited Oxford/Paris as a scorer: flat keys mAP/mP@k (Medium) plus easy_/hard_ prefixed ones"
     def score(q, g):
         q, g = prepare_pair(q, g)
         r = revisited_map(q @ g.T, gnd, ks, per_query=True)
@@ -563,7 +563,7 @@ def revisited_scorer(gnd, ks=(1, 5, 10)) -> Callable:
     return score
 
 def gldv2_scorer(relevant, k: int = 100) -> Callable:
-    "GLDv2 mAP@k (§2.4) as a scorer (top-k via faiss `knn`); `mAP` is an alias of `mAP@k`"
+    "GLDv2 mAP@k as a scorer (top-k via faiss `knn`); `mAP` is an alias of `mAP@k`"
     def score(q, g):
         D, I = knn(q, g, min(k, len(g)))
         r = gldv2_map_at_k(None, relevant, k, ranked=I, per_query=True)
@@ -574,7 +574,7 @@ def gldv2_scorer(relevant, k: int = 100) -> Callable:
 
 # %% ../nbs/07_evaluate.ipynb #6e4c7dc0
 def reid_scorer(query_pids, query_cams, gallery_pids, gallery_cams, ks=(1, 5, 10)) -> Callable:
-    "Market-1501 re-ID (§2.7) as a scorer: CMC rank-k and mAP; top-1 = the first remaining gallery image has the query's pid"
+    "Market-1501 re-ID as a scorer: CMC rank-k and mAP; top-1 = the first remaining gallery image has the query's pid"
     qp, qc, gp, gc = (np.asarray(x).ravel() for x in (query_pids, query_cams, gallery_pids, gallery_cams))
     def score(q, g):
         r = reid_metrics(q, qp, qc, g, gp, gc, ks, per_query=True)
@@ -676,7 +676,7 @@ class RefreshResult:
 
 def hot_refresh(q_new, g_old, g_new, scorer: Callable, *, q_old=None, g_old_ref=None, orderings=("random", "discrepancy"),
                 steps: int = 10, seeds=(0, 1, 2), uncertainty=None, sigma=None, metric: str = "mAP") -> RefreshResult:
-    """Partial-backfill sweep (§2.9): metric and flip rates vs old/old at β = 0, 1/S, …, 1 for each ordering.
+    """Partial-backfill sweep: metric and flip rates vs old/old at β = 0, 1/S, …, 1 for each ordering.
     `g_old` is what un-refreshed items hold; the old/old reference is (q_old, g_old_ref), `g_old_ref` defaulting to
     `g_old` (pass the raw old features when `g_old` is a transformed gallery such as FCT's h(φ_o(g)))."""
     check(isinstance(steps, int) and steps >= 1, f"steps={steps!r} must be a positive integer (10 gives β = 0, .1, …, 1)")
@@ -846,7 +846,7 @@ class ProtocolData:
     query: Any                         # an ImageDataset
     gallery: Any | None                # None: the query set is also the gallery
     scorer: Callable                   # scorer(Q, G) -> (metrics, top1), Q/G after `post`
-    primary: str                       # the metric of §2.8 (criterion, gain, tax, refresh curves, matrix)
+    primary: str                       # the primary metric (criterion, gain, tax, refresh curves, matrix)
     columns: tuple = ()                # metrics shown in the summary table
     flip: str = "none"                 # features_for flip mode
     post: Callable | None = None       # image features -> scorer items (IJB-C: templates)
@@ -870,7 +870,7 @@ def _batch_for(image_size) -> int: return 256 if image_size is not None else 1
 
 @PROTOCOLS.register("retrieval")
 def retrieval_protocol(root=None, dataset=None, flip: str = "none", batch_size: int = 256) -> ProtocolData:
-    "Class-disjoint leave-one-out retrieval (§2.2) on a labelled test set (`dataset`, e.g. the held-out classes of a split)"
+    "Class-disjoint leave-one-out retrieval on a labelled test set (`dataset`, e.g. the held-out classes of a split)"
     if dataset is None:
         raise ConfigError("protocol 'retrieval' evaluates a labelled test set leave-one-out: pass dataset=<ImageDataset> "
                           "(nbs/evaluate.ipynb uses the held-out test classes of the old run's split)")
@@ -886,17 +886,17 @@ def _revisited_protocol(name, root, image_size):
 
 @PROTOCOLS.register("roxford5k")
 def roxford5k_protocol(root=None, image_size=None) -> ProtocolData:
-    "Revisited Oxford (§2.3): queries cropped to their boxes, the full database ranked; E/M/H mAP and mP@k"
+    "Revisited Oxford: queries cropped to their boxes, the full database ranked; E/M/H mAP and mP@k"
     return _revisited_protocol("roxford5k", root, image_size)
 
 @PROTOCOLS.register("rparis6k")
 def rparis6k_protocol(root=None, image_size=None) -> ProtocolData:
-    "Revisited Paris (§2.3): as `roxford5k_protocol`"
+    "Revisited Paris: as `roxford5k_protocol`"
     return _revisited_protocol("rparis6k", root, image_size)
 
 @PROTOCOLS.register("gldv2")
 def gldv2_protocol(root=None, usage=("Private",), image_size=None, k: int = 100) -> ProtocolData:
-    "GLDv2 retrieval (§2.4): test queries with the given Usage (Private = final, Public = validation) against the index"
+    "GLDv2 retrieval: test queries with the given Usage (Private = final, Public = validation) against the index"
     usage = [usage] if isinstance(usage, str) else list(usage)
     for u in usage: check_choice("usage", u, ["Private", "Public"])
     test = _load_benchmark("gldv2", root, split="test", size=image_size)
@@ -909,7 +909,7 @@ def gldv2_protocol(root=None, usage=("Private",), image_size=None, k: int = 100)
 
 @PROTOCOLS.register("market1501")
 def market1501_protocol(root=None, image_size=None) -> ProtocolData:
-    "Market-1501 (§2.7): `query/` against `bounding_box_test/` (junk dropped), flip-sum features; CMC rank-k and mAP"
+    "Market-1501: `query/` against `bounding_box_test/` (junk dropped), flip-sum features; CMC rank-k and mAP"
     q = _load_benchmark("market1501", root, split="query", size=image_size)
     g = _load_benchmark("market1501", root, split="gallery", size=image_size)
     sc = reid_scorer(q.meta["pid"], q.meta["camid"], g.meta["pid"], g.meta["camid"])
@@ -918,7 +918,7 @@ def market1501_protocol(root=None, image_size=None) -> ProtocolData:
 
 @PROTOCOLS.register("ijbc")
 def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> ProtocolData:
-    """IJB-C (§2.5–2.6): images aligned to `image_size`, g = (φ(I) + φ(flip I))·s_det, media-mean/template-sum templates;
+    """IJB-C: images aligned to `image_size`, g = (φ(I) + φ(flip I))·s_det, media-mean/template-sum templates;
     1:1 TAR@FAR and (if its CSVs exist and `one_to_n`) 1:N on G1/G2. The scorer's items are the templates."""
     check(isinstance(image_size, int) and image_size >= 16, f"ijbc: image_size={image_size!r} must be the aligned face size in pixels (112 for ArcFace models)")
     ds = _load_benchmark("ijbc", root, size=image_size)
@@ -1019,7 +1019,7 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
                       refresh_seeds=(0, 1, 2), compat: bool = True, skip_incompatible: bool = False, cache_dir=None,
                       **protocol_kw) -> ProtocolResult:
     """Old/old, self, cross (and reverse) metrics of every new model on one protocol (a `PROTOCOLS` name or a
-    `ProtocolData`), the §2.8 summaries on the primary `metric`, hot refresh of the gallery side and the compatibility matrix"""
+    `ProtocolData`), the compatibility summaries on the primary `metric`, hot refresh of the gallery side and the compatibility matrix"""
     data = protocol if isinstance(protocol, ProtocolData) else PROTOCOLS.get(protocol)(data_root, **protocol_kw)
     if isinstance(new_models, (list, tuple)): new_models = {f"new{i + 1}": m for i, m in enumerate(new_models)}
     check(isinstance(new_models, dict) and len(new_models) > 0, "new_models must be a non-empty dict name → model (run/model folder or module)")
