@@ -102,7 +102,8 @@ def load_json(path, what: str = "JSON file"):
     path = Path(path)
     if not path.exists(): raise NotFoundError(f"{what} not found: {path}")
     try: return json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise IntegrityError(f"{what} {path} is not valid JSON ({e}). It may be truncated; restore or regenerate it.") from None
+    except json.JSONDecodeError as e: raise IntegrityError(f"{what} {path} is not valid JSON ({e}). It may be "
+                                                           "truncated; restore or regenerate it.") from None
 
 # %% ../nbs/00_core.ipynb #5c5a5111
 class Registry:
@@ -114,7 +115,8 @@ class Registry:
         def deco(obj):
             key = name or getattr(obj, "name", None) or obj.__name__
             if key in self._items and self._items[key] is not obj:
-                raise ConfigError(f"{self.kind} '{key}' is registered twice ({self._items[key]!r} and {obj!r}); rename one of them")
+                raise ConfigError(f"{self.kind} '{key}' is registered twice ({self._items[key]!r} and {obj!r}); rename "
+                                  "one of them")
             self._items[key] = obj
             if meta: obj._registry_meta = meta
             return obj
@@ -133,7 +135,8 @@ class Registry:
         if name in self._items: return self._items[name]
         close = difflib.get_close_matches(str(name), self.names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown {self.kind} '{name}'.{hint} Valid {self.kind}s: {', '.join(self.names()) or '(none registered)'}")
+        raise ConfigError(f"unknown {self.kind} '{name}'.{hint} Valid {self.kind}s: "
+                          f"{', '.join(self.names()) or '(none registered)'}")
     __getitem__ = get
 
     def build(self, name: str, *args, **kwargs): return self.get(name)(*args, **kwargs)
@@ -155,7 +158,8 @@ def check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False
     if not ok:
         lb = "" if lo is None else ("(" if lo_open else "[") + str(lo)
         ub = "" if hi is None else str(hi) + (")" if hi_open else "]")
-        raise ConfigError(f"{name}={value!r} is out of range; expected a finite number in {lb or '(-inf'}, {ub or 'inf)'}")
+        raise ConfigError(f"{name}={value!r} is out of range; expected a finite number in {lb or '(-inf'}, "
+                          f"{ub or 'inf)'}")
 
 def _coerce(value, tp, name):
     "Coerce papermill/JSON values to the annotated field type where that is unambiguous"
@@ -206,8 +210,10 @@ class Config:
         d = {**(d or {}), **kw}
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
-            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, cls.field_names(), 1)) else repr(u) for u in unknown]
-            raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(hints)}. Valid keys: {', '.join(cls.field_names())}")
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, cls.field_names(), 1))
+                     else repr(u) for u in unknown]
+            raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(hints)}. Valid keys: "
+                              f"{', '.join(cls.field_names())}")
         return cls(**d)
 
     def to_dict(self) -> dict: return json.loads(canonical_json(_asdict(self)))
@@ -286,7 +292,8 @@ def _cpu_info() -> tuple:
     model, flags = platform.processor() or None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in (None, "", platform.machine()): model = line.split(":", 1)[1].strip()
+            if line.startswith("model name") and model in (None, "", platform.machine()):
+                model = line.split(":", 1)[1].strip()
             if line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
     except OSError: pass
     try: cap = torch.backends.cpu.get_cpu_capability()
@@ -295,10 +302,10 @@ def _cpu_info() -> tuple:
             ("cpu_native_bf16", bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None))
 
 def cpu_description() -> dict:
-    """CPU model, torch's CPU kernel level, and whether it has native bf16 units (read once per process). Float results of
-    the same code and seed can differ between CPUs whose kernels differ (oneDNN dispatches on the instruction set, and
-    bf16 is emulated without AVX512-BF16/AMX), so a result records which CPU produced it; `Precision.side_dtype` uses
-    the last field."""
+    """CPU model, torch's CPU kernel level, and whether it has native bf16 units (read once per process). Float results
+    of the same code and seed can differ between CPUs whose kernels differ (oneDNN dispatches on the instruction set,
+    and bf16 is emulated without AVX512-BF16/AMX), so a result records which CPU produced it; `Precision.side_dtype`
+    uses the last field."""
     return dict(_cpu_info())
 
 
@@ -310,7 +317,8 @@ class Precision:
     amp_dtype: torch.dtype | None
     use_scaler: bool
     backend: str
-    native_lowp: bool | None = None   # the device computes `amp_dtype` natively; None: CUDA yes, CPU if it has AMX/AVX512-BF16
+    # the device computes `amp_dtype` natively; None: CUDA yes, CPU if it has AMX/AVX512-BF16
+    native_lowp: bool | None = None
 
     def _autocast(self, dtype):
         if dtype is None: return contextlib.nullcontext()
@@ -322,7 +330,8 @@ class Precision:
 
     @property
     def side_dtype(self) -> torch.dtype | None:
-        "Autocast dtype of side computations (frozen old forward, queue matmuls): the AMP dtype where the device computes it natively, else none (fp32)"
+        ("Autocast dtype of side computations (frozen old forward, queue matmuls): the AMP dtype where the device "
+         "computes it natively, else none (fp32)")
         native = self.native_lowp
         if native is None: native = self.device.type == "cuda" or bool(cpu_description()["cpu_native_bf16"])
         return self.amp_dtype if native else None
@@ -341,7 +350,8 @@ def select_precision(device: str = "auto", amp: bool = True, local_rank: int = 0
     "CUDA → fp16 autocast + GradScaler + nccl; CPU → bf16 autocast + gloo. `device` in {'auto','cpu','cuda'}"
     check_choice("device", device, ["auto", "cpu", "cuda"])
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is visible. Use device='cpu' (or 'auto'), or check CUDA_VISIBLE_DEVICES and the torch build.")
+        raise ConfigError("device='cuda' but no CUDA device is visible. Use device='cpu' (or 'auto'), or check "
+                          "CUDA_VISIBLE_DEVICES and the torch build.")
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return Precision(torch.device("cuda", local_rank), torch.float16 if amp else None, amp, "nccl")
     return Precision(torch.device("cpu"), torch.bfloat16 if amp else None, False, "gloo")
@@ -356,7 +366,8 @@ def check_nproc(nproc: int, device: str = "auto"):
     n = available_devices(device)
     kind = "CUDA devices" if (device != "cpu" and torch.cuda.is_available()) else "CPU cores"
     check(isinstance(nproc, int) and nproc >= 1, f"nproc={nproc!r} must be a positive integer")
-    check(nproc <= n, f"nproc={nproc} exceeds the {n} {kind} available on this machine. Use nproc<={n}, or launch on more nodes with nnodes>1.")
+    check(nproc <= n, f"nproc={nproc} exceeds the {n} {kind} available on this machine. Use nproc<={n}, or launch on "
+                      "more nodes with nnodes>1.")
 
 # %% ../nbs/00_core.ipynb #47f977fd
 def project_root(start=None) -> Path:
@@ -381,7 +392,8 @@ def environment() -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
            "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
            "cpu_count": os.cpu_count(), "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-           "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []}
+           "gpus": ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                    if torch.cuda.is_available() else [])}
     env.update(cpu_description())
     try:
         from importlib.metadata import version
@@ -389,7 +401,8 @@ def environment() -> dict:
     except Exception: env["bctnb"] = None
     try:
         root = project_root()
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                           timeout=5).stdout.strip() or None
     except Exception: env["git_commit"] = None
     return env
 
@@ -404,7 +417,8 @@ class Run:
     def __init__(self, path):
         self.path = Path(path)
         if not (self.path/"config.json").exists():
-            raise NotFoundError(f"not a bctnb run directory: {self.path} (no config.json). Pass the folder a training notebook printed, e.g. runs/train_old-1a2b3c4d5e6f, or create one with Run.create().")
+            raise NotFoundError(f"not a bctnb run directory: {self.path} (no config.json). Pass the folder a training "
+                                "notebook printed, e.g. runs/train_old-1a2b3c4d5e6f, or create one with Run.create().")
 
     @classmethod
     def create(cls, name: str, config, root=None, exist_ok: bool = True) -> "Run":
@@ -413,9 +427,11 @@ class Run:
         h = run_hash(config)
         path = Path(root or runs_home())/f"{name}-{h}"
         if (path/"config.json").exists():
-            if not exist_ok: raise ConfigError(f"run {path} already exists; pass exist_ok=True to reopen it or change the config")
+            if not exist_ok: raise ConfigError(f"run {path} already exists; pass exist_ok=True to reopen it or change "
+                                               "the config")
             run = cls(path)
-            if run.config != cfg: save_json(path/"config.json", {"name": name, "hash": h, "config": cfg})  # runtime fields
+            # runtime fields
+            if run.config != cfg: save_json(path/"config.json", {"name": name, "hash": h, "config": cfg})
             return run
         path.mkdir(parents=True, exist_ok=True)
         save_json(path/"env.json", environment())
@@ -432,7 +448,9 @@ class Run:
     @property
     def hash(self) -> str: return load_json(self.path/"config.json")["hash"]
     @property
-    def status(self) -> dict: return load_json(self.path/"status.json", "run status") if (self.path/"status.json").exists() else {"status": "unknown"}
+    def status(self) -> dict:
+        return (load_json(self.path/"status.json", "run status") if (self.path/"status.json").exists()
+                else {"status": "unknown"})
     @property
     def done(self) -> bool: return self.status.get("status") == "done"
     def __repr__(self): return f"Run({self.id}, {self.status.get('status')})"
@@ -457,7 +475,8 @@ class Run:
         for i, line in enumerate(lines):
             try: rows.append(json.loads(line))
             except json.JSONDecodeError:
-                if i < len(lines) - 1: raise IntegrityError(f"{f}: line {i+1} is corrupt (not JSON); truncate the file before that line to recover the rest")
+                if i < len(lines) - 1: raise IntegrityError(f"{f}: line {i+1} is corrupt (not JSON); truncate the file "
+                                                            "before that line to recover the rest")
         return pd.DataFrame(rows)
 
     def write_metrics_csv(self) -> Path:
@@ -483,11 +502,14 @@ class Run:
     def artefact_path(self, key: str, verify: bool = True) -> Path:
         "Path of a recorded artefact; with `verify`, its sha256 must match the record"
         arts = self.artefacts()
-        if key not in arts: raise NotFoundError(f"run {self.id} has no artefact '{key}'. Recorded: {', '.join(arts) or '(none)'}")
+        if key not in arts: raise NotFoundError(f"run {self.id} has no artefact '{key}'. Recorded: "
+                                                f"{', '.join(arts) or '(none)'}")
         p = Path(key) if Path(key).is_absolute() else self.path/key
-        if not p.exists(): raise NotFoundError(f"artefact '{key}' of run {self.id} is recorded but missing on disk ({p})")
+        if not p.exists(): raise NotFoundError(f"artefact '{key}' of run {self.id} is recorded but missing on disk "
+                                               f"({p})")
         if verify and sha256_file(p) != arts[key]["sha256"]:
-            raise IntegrityError(f"artefact {p} does not match its recorded sha256 (modified or corrupt). Re-create it by re-running the run, or restore the original file.")
+            raise IntegrityError(f"artefact {p} does not match its recorded sha256 (modified or corrupt). Re-create it "
+                                 "by re-running the run, or restore the original file.")
         return p
 
     def verify(self) -> list[str]:
@@ -501,7 +523,8 @@ class Run:
         st = self.status
         wall = None
         if "started" in st:
-            wall = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(st["started"])).total_seconds()
+            wall = (datetime.datetime.now(datetime.timezone.utc)
+                    - datetime.datetime.fromisoformat(st["started"])).total_seconds()
         self.set_status("done", finished=_now(), wall_s=wall, **info)
 
 class RunRegistry:
@@ -518,7 +541,8 @@ class RunRegistry:
         p = self.root/f"{name}-{run_hash(config)}"
         return Run(p) if (p/"config.json").exists() else None
 
-    def create(self, name: str, config, exist_ok: bool = True) -> Run: return Run.create(name, config, self.root, exist_ok)
+    def create(self, name: str, config, exist_ok: bool = True) -> Run:
+        return Run.create(name, config, self.root, exist_ok)
 
     def table(self) -> pd.DataFrame:
         "One row per run: id, name, status, wall time, last logged metrics"
@@ -526,7 +550,8 @@ class RunRegistry:
         for r in self.runs():
             st, m = r.status, r.metrics()
             last = m.iloc[-1].to_dict() if len(m) else {}
-            rows.append({"id": r.id, "name": r.name, "status": st.get("status"), "wall_s": st.get("wall_s"), **{f"last_{k}": v for k, v in last.items()}})
+            rows.append({"id": r.id, "name": r.name, "status": st.get("status"), "wall_s": st.get("wall_s"),
+                         **{f"last_{k}": v for k, v in last.items()}})
         return pd.DataFrame(rows)
 
 # %% ../nbs/00_core.ipynb #8831662c

@@ -35,7 +35,8 @@ from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, 
 
 # %% ../nbs/07_evaluate.ipynb #96a497ec
 def as_features(x, name: str = "features") -> np.ndarray:
-    "`x` (numpy / torch / list, N×d) as a finite C-contiguous float32 array; `ConfigError` naming the problem otherwise"
+    ("`x` (numpy / torch / list, N×d) as a finite C-contiguous float32 array; `ConfigError` naming the problem "
+     "otherwise")
     if isinstance(x, torch.Tensor): x = x.detach().float().cpu().numpy()
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
@@ -55,15 +56,17 @@ def l2_normalize(x) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))).astype(np.float32, copy=False)
 
 def prepare_pair(query_feats, gallery_feats, gallery_transform: Callable | None = None):
-    "Checked, L2-normalised (query, gallery) fp32 arrays; `gallery_transform` maps gallery features into query space first"
+    ("Checked, L2-normalised (query, gallery) fp32 arrays; `gallery_transform` maps gallery features into query space "
+     "first")
     q = as_features(query_feats, "query features")
     g = gallery_feats if gallery_transform is None else gallery_transform(gallery_feats)
     g = as_features(g, "gallery features")
-    if len(g) == 0: raise ConfigError("the gallery is empty (0 items): nothing can be retrieved. Check the split / gallery selection.")
+    if len(g) == 0: raise ConfigError("the gallery is empty (0 items): nothing can be retrieved. Check the split / "
+                                      "gallery selection.")
     if q.shape[1] != g.shape[1]:
-        raise ConfigError(f"query features have {q.shape[1]} dims but gallery features have {g.shape[1]}: these models are not "
-                          "directly comparable. Declare a transformation (gallery_transform=h, e.g. an FCT transformation) "
-                          "or compare models with the same embedding dimension.")
+        raise ConfigError(f"query features have {q.shape[1]} dims but gallery features have {g.shape[1]}: these models "
+                          "are not directly comparable. Declare a transformation (gallery_transform=h, e.g. an FCT "
+                          "transformation) or compare models with the same embedding dimension.")
     return l2_normalize(q), l2_normalize(g)
 
 # %% ../nbs/07_evaluate.ipynb #1e6941b4
@@ -153,7 +156,8 @@ def _summarise_retrieval(ap, first, ks) -> dict:
 
 def _labels(x, n, what):
     x = np.asarray(x).ravel()
-    if len(x) != n: raise ConfigError(f"{what} has {len(x)} entries but there are {n} feature rows; pass one label per row.")
+    if len(x) != n: raise ConfigError(f"{what} has {len(x)} entries but there are {n} feature rows; pass one label per "
+                                      "row.")
     return x
 
 def retrieval_metrics(query_feats, gallery_feats, labels, ks=(1, 5, 10), *, gallery_labels=None,
@@ -165,7 +169,8 @@ def retrieval_metrics(query_feats, gallery_feats, labels, ks=(1, 5, 10), *, gall
     if gallery_labels is None:
         if len(g) != len(q):
             raise ConfigError(f"leave-one-out retrieval needs the same images on both sides, got {len(q)} queries and "
-                              f"{len(g)} gallery items. Embed the same test set with both models, or pass gallery_labels for a separate gallery.")
+                              f"{len(g)} gallery items. Embed the same test set with both models, or pass "
+                              "gallery_labels for a separate gallery.")
         gl, self_ex = ql, True
     else:
         gl, self_ex = _labels(gallery_labels, len(g), "gallery_labels"), False
@@ -181,7 +186,8 @@ def _faiss_knn(q, g, k):
         return faiss.knn_gpu(res, q, g, k, metric=faiss.METRIC_INNER_PRODUCT)
     return faiss.knn(q, g, k, metric=faiss.METRIC_INNER_PRODUCT)
 
-def knn(query_feats, gallery_feats, k: int, exclude_self: bool = False, gallery_transform=None) -> tuple[np.ndarray, np.ndarray]:
+def knn(query_feats, gallery_feats, k: int, exclude_self: bool = False,
+        gallery_transform=None) -> tuple[np.ndarray, np.ndarray]:
     "Top-k (scores, indices) per query, exact inner product on L2-normalised features, ties by ascending index"
     q, g = prepare_pair(query_feats, gallery_feats, gallery_transform)
     n = len(g) - int(exclude_self)
@@ -233,9 +239,11 @@ def tar_at_far(scores, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
     if not np.issubdtype(s.dtype, np.floating): s = s.astype(np.float64)
     check(len(s) == len(y), f"scores ({len(s)}) and labels ({len(y)}) must have the same length: one label per pair")
     check(len(s) > 0, "no pairs: scores is empty")
-    if not np.isfinite(s).all(): raise ConfigError(f"{int((~np.isfinite(s)).sum())} pair scores are NaN/inf; check the features (as_features) that produced them")
+    if not np.isfinite(s).all(): raise ConfigError(f"{int((~np.isfinite(s)).sum())} pair scores are NaN/inf; check the "
+                                                   "features (as_features) that produced them")
     pos = y == 1
-    check(bool((pos | (y == 0)).all()), f"labels must be 1 (genuine) or 0 (impostor), got values {np.unique(y).tolist()[:5]}")
+    check(bool((pos | (y == 0)).all()),
+          f"labels must be 1 (genuine) or 0 (impostor), got values {np.unique(y).tolist()[:5]}")
     check(bool(pos.any()) and not bool(pos.all()), "labels must contain both 1 (genuine) and 0 (impostor) pairs")
     fpr, tpr = roc_points(s, y)
     fpr, tpr = fpr[::-1], tpr[::-1]
@@ -244,7 +252,8 @@ def tar_at_far(scores, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
     return {float(a): float(tpr[j]) for a, j in zip(f, i)}
 
 # %% ../nbs/07_evaluate.ipynb #cd793cf4
-_SETTINGS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)), "hard": (("hard",), ("junk", "easy"))}
+_SETTINGS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+             "hard": (("hard",), ("junk", "easy"))}
 
 def _pairs(gnd, keys, n_db, what):
     "Flattened (query, item) pairs of the listed gnd keys, and the per-query list lengths"
@@ -253,11 +262,12 @@ def _pairs(gnd, keys, n_db, what):
         for key in keys:
             v = np.asarray(d.get(key, []), dtype=np.int64).ravel()
             if len(v) and (v.min() < 0 or v.max() >= n_db):
-                raise ConfigError(f"gnd[{i}]['{key}'] has index {int(v.max() if v.max() >= n_db else v.min())} outside the "
-                                  f"database (0..{n_db - 1}). The ground truth does not match this database: check the dataset "
-                                  "and that indices are 0-based rows of the similarity matrix's columns.")
+                raise ConfigError(f"gnd[{i}]['{key}'] has index {int(v.max() if v.max() >= n_db else v.min())} outside "
+                                  f"the database (0..{n_db - 1}). The ground truth does not match this database: check "
+                                  "the dataset and that indices are 0-based rows of the similarity matrix's columns.")
             qs.append(np.full(len(v), i, np.int64)); its.append(v); lens[i] += len(v)
-    return (np.concatenate(qs) if qs else np.zeros(0, np.int64)), (np.concatenate(its) if its else np.zeros(0, np.int64)), lens
+    return ((np.concatenate(qs) if qs else np.zeros(0, np.int64)),
+            (np.concatenate(its) if its else np.zeros(0, np.int64)), lens)
 
 def _revisited_setting(sim, gnd, ok_keys, junk_keys, ks):
     nq, n = sim.shape
@@ -297,12 +307,16 @@ def _revisited_setting(sim, gnd, ok_keys, junk_keys, ks):
 
 def revisited_map(sim, gnd, ks=(1, 5, 10), per_query: bool = False) -> dict:
     """Revisited Oxford/Paris (revisitop `compute_map`): {"easy"|"medium"|"hard": {"mAP", "mP@k"..., "n_queries",
-    "n_excluded"}} as fractions. `sim` is n_query × n_db; `gnd` a list of dicts with 'easy', 'hard', 'junk' index lists."""
+    "n_excluded"}} as fractions. `sim` is n_query × n_db; `gnd` a list of dicts with 'easy', 'hard', 'junk' index
+    lists."""
     sim = np.asarray(sim)
     check(sim.ndim == 2, f"sim must be a 2-D n_query × n_db matrix, got shape {sim.shape}")
     if sim.shape[1] == 0: raise ConfigError("the database is empty (sim has 0 columns): nothing can be retrieved")
-    if not np.isfinite(sim).all(): raise ConfigError("sim contains NaN/inf; check the features that produced it (as_features)")
-    check(len(gnd) == sim.shape[0], f"gnd has {len(gnd)} queries but sim has {sim.shape[0]} rows: pass one ground-truth dict per query, in the same order")
+    if not np.isfinite(sim).all(): raise ConfigError("sim contains NaN/inf; check the features that produced it "
+                                                     "(as_features)")
+    check(len(gnd) == sim.shape[0],
+          f"gnd has {len(gnd)} queries but sim has {sim.shape[0]} rows: pass one ground-truth dict per query, in the "
+          "same order")
     out = {}
     for name, (okk, jk) in _SETTINGS.items():
         ap, pk = _revisited_setting(sim, gnd, okk, jk, tuple(ks))
@@ -316,21 +330,26 @@ def revisited_map(sim, gnd, ks=(1, 5, 10), per_query: bool = False) -> dict:
 
 # %% ../nbs/07_evaluate.ipynb #e5fee055
 def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool = False) -> dict:
-    "GLDv2 mAP@k (Kaggle definition): {'mAP@k', 'n_queries', 'n_excluded'}; `relevant[q]` lists index ids relevant to query q"
+    ("GLDv2 mAP@k (Kaggle definition): {'mAP@k', 'n_queries', 'n_excluded'}; `relevant[q]` lists index ids relevant to "
+     "query q")
     nq = len(relevant)
     if ranked is not None:
         ranked = np.asarray(ranked, dtype=np.int64)
-        check(ranked.ndim == 2 and ranked.shape[0] == nq, f"ranked must be n_query × k indices with {nq} rows, got shape {ranked.shape}")
+        check(ranked.ndim == 2 and ranked.shape[0] == nq,
+              f"ranked must be n_query × k indices with {nq} rows, got shape {ranked.shape}")
         n_db = int(ranked.max()) + 1 if ranked.size else 0
     else:
-        sim = np.asarray(sim); check(sim.ndim == 2 and sim.shape[0] == nq, f"sim must have one row per query ({nq}), got shape {sim.shape}")
+        sim = np.asarray(sim)
+        check(sim.ndim == 2 and sim.shape[0] == nq, f"sim must have one row per query ({nq}), got shape {sim.shape}")
         if sim.shape[1] == 0: raise ConfigError("the index is empty (sim has 0 columns)")
-        if not np.isfinite(sim).all(): raise ConfigError("sim contains NaN/inf; check the features that produced it (as_features)")
+        if not np.isfinite(sim).all(): raise ConfigError("sim contains NaN/inf; check the features that produced it "
+                                                         "(as_features)")
         n_db = sim.shape[1]
     rq = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(relevant)] or [np.zeros(0, np.int64)])
     ri = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in relevant] or [np.zeros(0, np.int64)])
     if ranked is None and len(ri) and (ri.min() < 0 or ri.max() >= n_db):
-        raise ConfigError(f"relevant index id {int(ri.max())} is outside the index (0..{n_db - 1}); the ground truth does not match this index")
+        raise ConfigError(f"relevant index id {int(ri.max())} is outside the index (0..{n_db - 1}); the ground truth "
+                          "does not match this index")
     pair = np.unique(rq * max(n_db, int(ri.max()) + 1 if len(ri) else 1) + ri) if len(ri) else np.zeros(0, np.int64)
     base = max(n_db, int(ri.max()) + 1 if len(ri) else 1)
     m = np.bincount(pair // base, minlength=nq)                # distinct relevant per query
@@ -354,7 +373,8 @@ def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool 
             hit1[a:b][rows[ranks == 0]] = True
     v = m > 0
     ap[v] = s[v] / np.minimum(m[v], k)
-    out = {f"mAP@{k}": float(ap[v].mean()) if v.any() else float("nan"), "n_queries": int(v.sum()), "n_excluded": int(nq - v.sum())}
+    out = {f"mAP@{k}": float(ap[v].mean()) if v.any() else float("nan"), "n_queries": int(v.sum()),
+           "n_excluded": int(nq - v.sum())}
     if per_query: out.update(ap=ap, hit1=hit1)
     return out
 
@@ -374,7 +394,8 @@ def ijbc_templates(img_feats, template_ids, media_ids) -> tuple[np.ndarray, np.n
     "(sorted unique template ids, L2-normalised template features): media-mean, template-sum (insightface order)"
     f = as_features(img_feats, "image features")
     t = np.asarray(template_ids).ravel(); m = np.asarray(media_ids).ravel()
-    check(len(t) == len(f) == len(m), f"need one template id and media id per image: {len(f)} images, {len(t)} template ids, {len(m)} media ids")
+    check(len(t) == len(f) == len(m),
+          f"need one template id and media id per image: {len(f)} images, {len(t)} template ids, {len(m)} media ids")
     tm, inv = np.unique(np.stack([t, m], 1), axis=0, return_inverse=True)
     inv = inv.ravel()
     cnt = np.bincount(inv, minlength=len(tm)).astype(np.float64)
@@ -389,12 +410,14 @@ def ijbc_pair_scores(template_ids, t1_feats, t2_feats, p1, p2, chunk: int = 1 <<
     twice; cross test: `t1_feats` from the old model (column t1), `t2_feats` from the new one (column t2)."""
     tids = np.asarray(template_ids)
     a, b = as_features(t1_feats, "t1 template features"), as_features(t2_feats, "t2 template features")
-    check(a.shape[1] == b.shape[1], f"t1 features have {a.shape[1]} dims and t2 features {b.shape[1]}: declare a transformation first")
+    check(a.shape[1] == b.shape[1],
+          f"t1 features have {a.shape[1]} dims and t2 features {b.shape[1]}: declare a transformation first")
     p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
     i1, i2 = np.searchsorted(tids, p1), np.searchsorted(tids, p2)
     for p, i in ((p1, i1), (p2, i2)):
         bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != p)
-        if bad.any(): raise ConfigError(f"{int(bad.sum())} pair template ids are not among the templates (first: {p[bad][0]}); the pair list and the image list do not match")
+        if bad.any(): raise ConfigError(f"{int(bad.sum())} pair template ids are not among the templates (first: "
+                                        f"{p[bad][0]}); the pair list and the image list do not match")
     out = np.empty(len(p1), np.float32)
     for s in range(0, len(p1), chunk):
         out[s:s + chunk] = np.einsum("ij,ij->i", a[i1[s:s + chunk]], b[i2[s:s + chunk]])
@@ -439,11 +462,13 @@ def identification_metrics(probe_feats, probe_subjects, gallery_feats, gallery_s
 
 def ijbc_identification(probe_feats, probe_subjects, galleries: dict, ks=(1, 5, 10), fpirs=(1e-3, 1e-2, 1e-1)) -> dict:
     "`galleries` = {'G1': (feats, subjects), 'G2': (...)}: per-gallery metrics, their mean, and overall rank-k"
-    res = {name: identification_metrics(probe_feats, probe_subjects, f, s, ks, fpirs) for name, (f, s) in galleries.items()}
+    res = {name: identification_metrics(probe_feats, probe_subjects, f, s, ks, fpirs)
+           for name, (f, s) in galleries.items()}
     keys = [k for k in next(iter(res.values())) if not k.startswith("n_")]
     res["mean"] = {k: float(np.mean([r[k] for n, r in res.items() if n != "mean"])) for k in keys}
     n_probes = len(np.asarray(probe_subjects).ravel())
-    res["overall"] = {f"rank-{k}": sum(r[f"rank-{k}"] * r["n_mated"] for n, r in res.items() if n not in ("mean",)) / n_probes for k in ks}
+    res["overall"] = {f"rank-{k}": sum(r[f"rank-{k}"] * r["n_mated"] for n, r in res.items() if n not in ("mean",))
+                                   / n_probes for k in ks}
     return res
 
 # %% ../nbs/07_evaluate.ipynb #6f64b223
@@ -491,16 +516,19 @@ def advbct_scores(per_dataset: dict) -> dict:
     u, c = [], []
     for d, m in per_dataset.items():
         missing = {"oo", "nn", "no", "ind"} - set(m)
-        check(not missing, f"advbct_scores: dataset {d!r} lacks {sorted(missing)}; give oo (old/old), nn (self), no (cross), ind (independent new/new)")
+        check(not missing, f"advbct_scores: dataset {d!r} lacks {sorted(missing)}; give oo (old/old), nn (self), no "
+                           "(cross), ind (independent new/new)")
         u.append(_sigmoid((m["nn"] - m["ind"]) / m["ind"]))
         c.append(_sigmoid(upgrade_metrics(m["oo"], m["nn"], m["no"], m["ind"])["update_gain"]))
     u, c = np.array(u), np.array(c)
-    return {"P_up": float(100 * u.mean()), "P_comp": float(100 * c.mean()), "P_1": float(100 * np.mean(2 * u * c / (u + c)))}
+    return {"P_up": float(100 * u.mean()), "P_comp": float(100 * c.mean()),
+            "P_1": float(100 * np.mean(2 * u * c / (u + c)))}
 
 def seed_summary(values) -> dict:
     "mean, sample std (ddof=1) and count of per-seed values (NaN std for one seed)"
     v = np.asarray(list(values), dtype=np.float64)
-    return {"mean": float(v.mean()) if len(v) else float("nan"), "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "n": int(len(v))}
+    return {"mean": float(v.mean()) if len(v) else float("nan"),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "n": int(len(v))}
 
 # %% ../nbs/07_evaluate.ipynb #995cae64
 def compatibility_matrix(feats: Sequence, scorer: Callable, metric: str = "mAP") -> np.ndarray:
@@ -521,7 +549,8 @@ def compatibility_summary(C, ties: str = "fail") -> dict:
     C = np.asarray(C, np.float64)
     check(C.ndim == 2 and C.shape[0] == C.shape[1], f"C must be square T×T, got {C.shape}")
     T = len(C); il = np.tril_indices(T)
-    if np.isnan(C[il]).any(): raise ConfigError("C has NaN on or below the diagonal; every C[i][j] with i ≥ j must be measured")
+    if np.isnan(C[il]).any(): raise ConfigError("C has NaN on or below the diagonal; every C[i][j] with i ≥ j must "
+                                                "be measured")
     i, j = np.tril_indices(T, -1)
     diag = np.diag(C)
     if T == 1: ac = 1.0
@@ -537,7 +566,8 @@ def loo_scorer(labels, ks=(1, 5, 10)) -> Callable:
     lab = np.asarray(labels).ravel()
     def score(q, g):
         q, g = prepare_pair(q, g)
-        if not (len(q) == len(g) == len(lab)): raise ConfigError(f"leave-one-out needs {len(lab)} rows on both sides, got {len(q)} and {len(g)}")
+        if not (len(q) == len(g) == len(lab)): raise ConfigError(f"leave-one-out needs {len(lab)} rows on both sides, "
+                                                                 f"got {len(q)} and {len(g)}")
         ap, first = _retrieval_per_query(q, g, lab, lab, True, ks)
         return _summarise_retrieval(ap, first, ks), first[first >= 0] == 0
     return score
@@ -547,7 +577,8 @@ def split_scorer(query_labels, gallery_labels, ks=(1, 5, 10)) -> Callable:
     ql, gl = np.asarray(query_labels).ravel(), np.asarray(gallery_labels).ravel()
     def score(q, g):
         q, g = prepare_pair(q, g)
-        ap, first = _retrieval_per_query(q, g, _labels(ql, len(q), "query_labels"), _labels(gl, len(g), "gallery_labels"), False, ks)
+        ap, first = _retrieval_per_query(q, g, _labels(ql, len(q), "query_labels"),
+                                         _labels(gl, len(g), "gallery_labels"), False, ks)
         return _summarise_retrieval(ap, first, ks), first[first >= 0] == 0
     return score
 
@@ -585,36 +616,42 @@ def reid_scorer(query_pids, query_cams, gallery_pids, gallery_cams, ks=(1, 5, 10
 def _template_rows(tids, ids, what):
     ids = np.asarray(ids).ravel(); i = np.searchsorted(tids, ids)
     bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != ids)
-    if bad.any(): raise ConfigError(f"{int(bad.sum())} {what} template ids are not among the {len(tids)} templates of the image list "
-                                    f"(first: {ids[bad][0]}); the protocol files and ijbc_face_tid_mid.txt do not belong together")
+    if bad.any(): raise ConfigError(f"{int(bad.sum())} {what} template ids are not among the {len(tids)} templates of "
+                                    f"the image list (first: {ids[bad][0]}); the protocol files and "
+                                    "ijbc_face_tid_mid.txt do not belong together")
     return i
 
-def ijbc_scorer(template_ids, pairs=None, gallery_probe: dict | None = None, fars: Sequence[float] = IJBC_FARS, ks=(1, 5, 10),
-                fpirs=(1e-3, 1e-2, 1e-1), chunk: int = 1 << 20) -> Callable:
+def ijbc_scorer(template_ids, pairs=None, gallery_probe: dict | None = None, fars: Sequence[float] = IJBC_FARS,
+                ks=(1, 5, 10), fpirs=(1e-3, 1e-2, 1e-1), chunk: int = 1 << 20) -> Callable:
     """IJB-C as a scorer over template features (rows = sorted `template_ids`): 1:1 TAR@FAR on `pairs` (rows t1, t2,
     label; t1 from the gallery side) and 1:N on `gallery_probe` ({'G1', 'G2', 'probe'} → (template, subject) rows)"""
     tids = np.asarray(template_ids).ravel()
     check(len(tids) > 0, "ijbc_scorer: there are no templates (empty image list)")
     check(bool(np.all(np.diff(tids) > 0)), "template_ids must be sorted and unique, as ijbc_templates returns them")
-    check(pairs is not None or gallery_probe is not None, "ijbc_scorer needs the 1:1 pairs, the 1:N gallery/probe lists, or both")
+    check(pairs is not None or gallery_probe is not None,
+          "ijbc_scorer needs the 1:1 pairs, the 1:N gallery/probe lists, or both")
     if pairs is not None:
         P = np.asarray(pairs, np.int64)
-        check(P.ndim == 2 and P.shape[1] == 3 and len(P) > 0, f"pairs must be a non-empty n×3 array of (t1, t2, label), got shape {P.shape}")
+        check(P.ndim == 2 and P.shape[1] == 3 and len(P) > 0,
+              f"pairs must be a non-empty n×3 array of (t1, t2, label), got shape {P.shape}")
         i1, i2, lab = _template_rows(tids, P[:, 0], "pair"), _template_rows(tids, P[:, 1], "pair"), P[:, 2]
     if gallery_probe is not None:
         gp = {k: np.asarray(v, np.int64).reshape(-1, 2) for k, v in gallery_probe.items()}
-        check("probe" in gp and any(k != "probe" for k in gp), "gallery_probe needs 'probe' and at least one gallery ('G1', 'G2')")
+        check("probe" in gp and any(k != "probe" for k in gp),
+              "gallery_probe needs 'probe' and at least one gallery ('G1', 'G2')")
         pr, ps = _template_rows(tids, gp["probe"][:, 0], "probe"), gp["probe"][:, 1]
         gals = {k: (_template_rows(tids, v[:, 0], k), v[:, 1]) for k, v in gp.items() if k != "probe"}
         for k, (gi, _) in gals.items(): check(len(gi) > 0, f"gallery {k} is empty (no rows in its 1:N CSV)")
     def score(q, g):
         q, g = prepare_pair(q, g)
         if not (len(q) == len(g) == len(tids)):
-            raise ConfigError(f"IJB-C scorer: need one row per template ({len(tids)}) on both sides, got {len(q)} and {len(g)}")
+            raise ConfigError(f"IJB-C scorer: need one row per template ({len(tids)}) on both sides, got {len(q)} and "
+                              f"{len(g)}")
         out, top1 = {}, []
         if pairs is not None:
             s = np.empty(len(lab), np.float32)
-            for a in range(0, len(lab), chunk): s[a:a + chunk] = np.einsum("ij,ij->i", g[i1[a:a + chunk]], q[i2[a:a + chunk]])
+            for a in range(0, len(lab), chunk):
+                s[a:a + chunk] = np.einsum("ij,ij->i", g[i1[a:a + chunk]], q[i2[a:a + chunk]])
             out.update({f"TAR@FAR={f:g}": v for f, v in tar_at_far(s, lab, fars).items()})
         if gallery_probe is not None:
             res, hits = {}, {k: 0 for k in ks}
@@ -647,7 +684,8 @@ def old_uncertainty(old_feats, weight, bias=None, s: float | None = None, kind: 
     return -(np.exp(logp) * logp).sum(1)
 
 def refresh_order(kind: str, g_old=None, g_new=None, *, seed: int = 0, scores=None) -> np.ndarray:
-    "Permutation of gallery items, refreshed first = earliest: random(seed) / discrepancy / uncertainty|sigma (scores, largest first)"
+    ("Permutation of gallery items, refreshed first = earliest: random(seed) / discrepancy / uncertainty|sigma "
+     "(scores, largest first)")
     check_choice("ordering", kind, ["random", "discrepancy", "uncertainty", "sigma"])
     if kind == "random": return np.random.default_rng(seed).permutation(len(g_old))
     if kind == "discrepancy":
@@ -674,17 +712,23 @@ class RefreshResult:
     old_old: dict
     metric: str
 
-def hot_refresh(q_new, g_old, g_new, scorer: Callable, *, q_old=None, g_old_ref=None, orderings=("random", "discrepancy"),
-                steps: int = 10, seeds=(0, 1, 2), uncertainty=None, sigma=None, metric: str = "mAP") -> RefreshResult:
+def hot_refresh(q_new, g_old, g_new, scorer: Callable, *, q_old=None, g_old_ref=None,
+                orderings=("random", "discrepancy"), steps: int = 10, seeds=(0, 1, 2), uncertainty=None, sigma=None,
+                metric: str = "mAP") -> RefreshResult:
     """Partial-backfill sweep: metric and flip rates vs old/old at β = 0, 1/S, …, 1 for each ordering.
     `g_old` is what un-refreshed items hold; the old/old reference is (q_old, g_old_ref), `g_old_ref` defaulting to
     `g_old` (pass the raw old features when `g_old` is a transformed gallery such as FCT's h(φ_o(g)))."""
-    check(isinstance(steps, int) and steps >= 1, f"steps={steps!r} must be a positive integer (10 gives β = 0, .1, …, 1)")
+    check(isinstance(steps, int) and steps >= 1,
+          f"steps={steps!r} must be a positive integer (10 gives β = 0, .1, …, 1)")
     Go, Gn = as_features(g_old, "old gallery features"), as_features(g_new, "new gallery features")
-    check(Go.shape[0] == Gn.shape[0], f"old and new gallery features must describe the same {Go.shape[0]} items, got {Gn.shape[0]}")
-    check(Go.shape[1] == Gn.shape[1], f"old ({Go.shape[1]}) and new ({Gn.shape[1]}) gallery features differ in dimension: transform the old features first (h(φ_o))")
+    check(Go.shape[0] == Gn.shape[0],
+          f"old and new gallery features must describe the same {Go.shape[0]} items, got {Gn.shape[0]}")
+    check(Go.shape[1] == Gn.shape[1],
+          f"old ({Go.shape[1]}) and new ({Gn.shape[1]}) gallery features differ in dimension: transform the old "
+          "features first (h(φ_o))")
     Ng = len(Go)
-    oo_m, c_oo = scorer(q_old, Go if g_old_ref is None else as_features(g_old_ref, "old reference gallery")) if q_old is not None else ({}, None)
+    oo_m, c_oo = (scorer(q_old, Go if g_old_ref is None else as_features(g_old_ref, "old reference gallery"))
+                  if q_old is not None else ({}, None))
     oo = oo_m.get(metric) if oo_m else None
     beta = np.arange(steps + 1) / steps
     n_i = (np.arange(steps + 1) * Ng) // steps
@@ -731,7 +775,8 @@ def plot_flip_rates(res: RefreshResult, ax=None):
     ax.set_xlabel("refreshed fraction β"); ax.set_ylabel("flip rate vs old/old top-1")
     return ax
 
-def plot_compat_matrix(C, names: Sequence[str] | None = None, ax=None, fmt: str = ".3f", title: str = "compatibility matrix"):
+def plot_compat_matrix(C, names: Sequence[str] | None = None, ax=None, fmt: str = ".3f",
+                       title: str = "compatibility matrix"):
     "Annotated heatmap of the lower triangle (rows: query model, columns: gallery model)"
     import matplotlib.pyplot as plt, seaborn as sns
     C = np.asarray(C, np.float64); T = len(C)
@@ -764,9 +809,11 @@ def dataset_fingerprint(data) -> dict:
         return {"name": "tensor", "n": int(len(data)), "shape": list(data.shape),
                 "pixels": sha256_bytes(data.contiguous().numpy().tobytes())}
     if not (hasattr(data, "keys") and hasattr(data, "labels")):
-        raise ConfigError(f"features_for needs a bctnb ImageDataset (with .keys and .labels) or a uint8 image tensor, got {type(data).__name__}")
+        raise ConfigError("features_for needs a bctnb ImageDataset (with .keys and .labels) or a uint8 image tensor, "
+                          f"got {type(data).__name__}")
     fp = {"name": getattr(data, "name", type(data).__name__), "n": int(len(data)),
-          "listing": sha256_bytes(canonical_json([list(map(str, data.keys)), np.asarray(data.labels).tolist()]).encode())}
+          "listing": sha256_bytes(canonical_json([list(map(str, data.keys)),
+                                                  np.asarray(data.labels).tolist()]).encode())}
     imgs = getattr(data, "images", None)
     if isinstance(imgs, torch.Tensor): fp["pixels"] = sha256_bytes(imgs.contiguous().numpy().tobytes())
     view = _image_view(data)
@@ -784,7 +831,9 @@ def _image_view(data) -> dict:
         b = np.asarray(boxes, np.float64); v["boxes"] = sha256_bytes((b if idx is None else b[idx]).tobytes())
     lm = getattr(src, "landmarks", None)
     if lm is not None and getattr(src, "align", False):
-        l = np.asarray(lm, np.float64); v["align"] = {"out_size": getattr(src, "out_size", None), "landmarks": sha256_bytes((l if idx is None else l[idx]).tobytes())}
+        l = np.asarray(lm, np.float64)
+        v["align"] = {"out_size": getattr(src, "out_size", None),
+                      "landmarks": sha256_bytes((l if idx is None else l[idx]).tobytes())}
     elif getattr(src, "out_size", None) is not None: v["out_size"] = src.out_size
     return v
 
@@ -799,14 +848,15 @@ def _resolve_model(model_or_run):
         backbone, _, info = model_or_run
         return backbone, info.get("sha256") or module_hash(backbone), info.get("path")
     if isinstance(model_or_run, torch.nn.Module): return model_or_run, module_hash(model_or_run), None
-    raise ConfigError(f"features_for: cannot use {type(model_or_run).__name__} as a model. Pass a run folder, a model folder "
-                      "(bctnb.models.save_model), the tuple returned by load_model, or a backbone nn.Module.")
+    raise ConfigError(f"features_for: cannot use {type(model_or_run).__name__} as a model. Pass a run folder, a model "
+                      "folder (bctnb.models.save_model), the tuple returned by load_model, or a backbone nn.Module.")
 
 def features_cache_dir() -> Path: return data_home()/"features"
 
 def features_for(model_or_run, dataset, flip: str = "none", cache_dir=None, batch_size: int = 256, precision=None,
                  refresh: bool = False, return_path: bool = False):
-    "fp32 features (N×d; N×2×d for flip='pair') of every image of `dataset`, cached by model hash + dataset + preprocessing"
+    ("fp32 features (N×d; N×2×d for flip='pair') of every image of `dataset`, cached by model hash + dataset + "
+     "preprocessing")
     check_choice("flip", flip, ["none", "pair", "sum"])
     backbone, msha, mpath = _resolve_model(model_or_run)
     fp = dataset_fingerprint(dataset)
@@ -823,15 +873,18 @@ def features_for(model_or_run, dataset, flip: str = "none", cache_dir=None, batc
                                  "Delete both files or call features_for(..., refresh=True) to re-extract.")
         feat = load_file(str(f))["feat"]
         if list(feat.shape) != meta.get("dims"):
-            raise IntegrityError(f"feature cache {f} holds shape {list(feat.shape)} but its sidecar records {meta.get('dims')}; delete it or pass refresh=True")
+            raise IntegrityError(f"feature cache {f} holds shape {list(feat.shape)} but its sidecar records "
+                                 f"{meta.get('dims')}; delete it or pass refresh=True")
         return (feat, f) if return_path else feat
     from bctnb.models import extract_features
     feat = extract_features(backbone, dataset, batch_size=batch_size, flip=flip, precision=precision)
-    feat = np.ascontiguousarray(feat.float().cpu().numpy() if isinstance(feat, torch.Tensor) else np.asarray(feat, np.float32))
+    feat = np.ascontiguousarray(feat.float().cpu().numpy() if isinstance(feat, torch.Tensor)
+                                else np.asarray(feat, np.float32))
     n = len(feat)
     labels = np.asarray(dataset.labels, np.int64) if hasattr(dataset, "labels") else np.full(n, -1, np.int64)
     with atomic_path(f, ".safetensors") as tmp:
-        save_file({"feat": feat, "label": labels, "index": np.arange(n, dtype=np.int64)}, str(tmp), metadata={"format": FEATURES_FORMAT})
+        save_file({"feat": feat, "label": labels, "index": np.arange(n, dtype=np.int64)}, str(tmp),
+                  metadata={"format": FEATURES_FORMAT})
     save_json(side, {"format": FEATURES_FORMAT, "version": 1, "model_sha256": msha, "model_path": mpath, "dataset": fp,
                      "preprocessing": prep, "dims": list(feat.shape), "sha256": sha256_file(f)})
     return (feat, f) if return_path else feat
@@ -863,7 +916,8 @@ def _load_benchmark(name: str, data_root, **kw):
     root = protocol_root(name, data_root)
     try: return load_dataset(name, root=root, **kw)
     except NotFoundError as e:
-        how = "" if data_root else f" data_root=None reads $BCTNB_DATA/{name} (here {root}); pass data_root=<folder> (papermill: -p data_root ...)."
+        how = "" if data_root else (f" data_root=None reads $BCTNB_DATA/{name} (here {root}); pass data_root=<folder> "
+                                    "(papermill: -p data_root ...).")
         raise NotFoundError(f"{str(e).rstrip('.')}.{how} Data card: data_cards/{name}.md") from None
 
 def _batch_for(image_size) -> int: return 256 if image_size is not None else 1
@@ -872,17 +926,19 @@ def _batch_for(image_size) -> int: return 256 if image_size is not None else 1
 def retrieval_protocol(root=None, dataset=None, flip: str = "none", batch_size: int = 256) -> ProtocolData:
     "Class-disjoint leave-one-out retrieval on a labelled test set (`dataset`, e.g. the held-out classes of a split)"
     if dataset is None:
-        raise ConfigError("protocol 'retrieval' evaluates a labelled test set leave-one-out: pass dataset=<ImageDataset> "
-                          "(nbs/evaluate.ipynb uses the held-out test classes of the old run's split)")
+        raise ConfigError("protocol 'retrieval' evaluates a labelled test set leave-one-out: pass "
+                          "dataset=<ImageDataset> (nbs/evaluate.ipynb uses the held-out test classes of the old run's "
+                          "split)")
     y = np.asarray(dataset.labels)
-    return ProtocolData("retrieval", dataset, None, loo_scorer(y), "mAP", ("mAP", "R@1"), flip=flip, batch_size=batch_size,
-                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y)))})
+    return ProtocolData("retrieval", dataset, None, loo_scorer(y), "mAP", ("mAP", "R@1"), flip=flip,
+                        batch_size=batch_size, info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y)))})
 
 def _revisited_protocol(name, root, image_size):
     q = _load_benchmark(name, root, split="query", size=image_size)
     db = _load_benchmark(name, root, split="db", size=image_size)
     return ProtocolData(name, q, db, revisited_scorer(q.gnd), "mAP", ("mAP", "mP@10", "easy_mAP", "hard_mAP"),
-                        batch_size=_batch_for(image_size), info={"n_queries": len(q), "n_database": len(db), "image_size": image_size})
+                        batch_size=_batch_for(image_size),
+                        info={"n_queries": len(q), "n_database": len(db), "image_size": image_size})
 
 @PROTOCOLS.register("roxford5k")
 def roxford5k_protocol(root=None, image_size=None) -> ProtocolData:
@@ -902,10 +958,13 @@ def gldv2_protocol(root=None, usage=("Private",), image_size=None, k: int = 100)
     test = _load_benchmark("gldv2", root, split="test", size=image_size)
     index = _load_benchmark("gldv2", root, split="index", size=image_size)
     sel = np.flatnonzero(np.isin(test.meta["usage"], usage))
-    if len(sel) == 0: raise ConfigError(f"gldv2: no test image has Usage in {usage} in retrieval_solution_v2.1.csv; check the file or pass usage=['Public', 'Private']")
+    if len(sel) == 0: raise ConfigError(f"gldv2: no test image has Usage in {usage} in retrieval_solution_v2.1.csv; "
+                                        "check the file or pass usage=['Public', 'Private']")
     rel = [test.relevant[i] for i in sel]
-    return ProtocolData("gldv2", test.subset(sel), index, gldv2_scorer(rel, k), f"mAP@{k}", (f"mAP@{k}",), batch_size=_batch_for(image_size),
-                        info={"usage": usage, "n_queries": int(len(sel)), "n_index": len(index), "image_size": image_size})
+    return ProtocolData("gldv2", test.subset(sel), index, gldv2_scorer(rel, k), f"mAP@{k}", (f"mAP@{k}",),
+                        batch_size=_batch_for(image_size),
+                        info={"usage": usage, "n_queries": int(len(sel)), "n_index": len(index),
+                              "image_size": image_size})
 
 @PROTOCOLS.register("market1501")
 def market1501_protocol(root=None, image_size=None) -> ProtocolData:
@@ -920,7 +979,8 @@ def market1501_protocol(root=None, image_size=None) -> ProtocolData:
 def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> ProtocolData:
     """IJB-C: images aligned to `image_size`, g = (φ(I) + φ(flip I))·s_det, media-mean/template-sum templates;
     1:1 TAR@FAR and (if its CSVs exist and `one_to_n`) 1:N on G1/G2. The scorer's items are the templates."""
-    check(isinstance(image_size, int) and image_size >= 16, f"ijbc: image_size={image_size!r} must be the aligned face size in pixels (112 for ArcFace models)")
+    check(isinstance(image_size, int) and image_size >= 16,
+          f"ijbc: image_size={image_size!r} must be the aligned face size in pixels (112 for ArcFace models)")
     ds = _load_benchmark("ijbc", root, size=image_size)
     pairs = ds.pairs()
     gp, note = None, None
@@ -931,11 +991,12 @@ def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> Pr
     tids = np.unique(tpl)
     def post(F): return ijbc_templates(ijbc_image_features(F, det), tpl, med)[1]
     cols = ("TAR@FAR=0.0001", "TAR@FAR=0.001") + (("mean_rank-1", "mean_TPIR@FPIR=0.01") if gp is not None else ())
-    info = {"n_images": len(ds), "n_templates": int(len(tids)), "n_pairs": int(len(pairs)), "n_genuine": int((pairs[:, 2] == 1).sum()),
-            "image_size": image_size, "one_to_n": gp is not None}
+    info = {"n_images": len(ds), "n_templates": int(len(tids)), "n_pairs": int(len(pairs)),
+            "n_genuine": int((pairs[:, 2] == 1).sum()), "image_size": image_size, "one_to_n": gp is not None}
     if gp is not None: info.update({f"n_{k}": int(len(v)) for k, v in gp.items()})
     if note: info["note"] = note
-    return ProtocolData("ijbc", ds, None, ijbc_scorer(tids, pairs, gp), "TAR@FAR=0.0001", cols, flip="sum", post=post, info=info)
+    return ProtocolData("ijbc", ds, None, ijbc_scorer(tids, pairs, gp), "TAR@FAR=0.0001", cols, flip="sum", post=post,
+                        info=info)
 
 def pair_tar(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float = 1e-3) -> float:
     "TAR@FAR over all pairs of a labelled test set: unordered i<j within one model (`same_model`), ordered i≠j across"
@@ -956,11 +1017,12 @@ def split_images(config, which: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 @PROTOCOLS.register("cpu_tier")
 def cpu_tier_protocol(root=None, config=None, far: float = 1e-3) -> ProtocolData:
-    """The CPU tier's protocol on the held-out test classes of a run's split (`config`: the old run's `TrainConfig` or its
-    dict): leave-one-out retrieval (mAP, R@1/5/10) and TAR@FAR over all test pairs. Hot refresh scores retrieval only."""
+    """The CPU tier's protocol on the held-out test classes of a run's split (`config`: the old run's `TrainConfig` or
+    its dict): leave-one-out retrieval (mAP, R@1/5/10) and TAR@FAR over all test pairs. Hot refresh scores retrieval
+    only."""
     if config is None:
-        raise ConfigError("protocol 'cpu_tier' evaluates the held-out test classes of a run's split: pass config=<the old "
-                          "run's TrainConfig or config dict> (nbs/evaluate.ipynb reads it from -p old_run)")
+        raise ConfigError("protocol 'cpu_tier' evaluates the held-out test classes of a run's split: pass config=<the "
+                          "old run's TrainConfig or config dict> (nbs/evaluate.ipynb reads it from -p old_run)")
     X, y = split_images(config, "test")
     loo = loo_scorer(y)
     def score(q, g):
@@ -974,7 +1036,8 @@ def list_protocols() -> list[str]: return PROTOCOLS.names()
 # %% ../nbs/07_evaluate.ipynb #45fb3a39
 @dataclass
 class ProtocolResult:
-    "Everything `evaluate_protocol` measured; `table` has one row per new model, `to_json()` is what the pipeline stores"
+    ("Everything `evaluate_protocol` measured; `table` has one row per new model, `to_json()` is what the pipeline "
+     "stores")
     protocol: str
     metric: str
     old_old: dict
@@ -986,9 +1049,11 @@ class ProtocolResult:
     info: dict
 
     def to_json(self) -> dict:
-        return {"protocol": self.protocol, "metric": self.metric, "data": self.info, "old/old": self.old_old, "new": {n: dict(v) for n, v in self.new.items()},
+        return {"protocol": self.protocol, "metric": self.metric, "data": self.info, "old/old": self.old_old,
+                "new": {n: dict(v) for n, v in self.new.items()},
                 "independent": self.independent, "compat": self.compat,
-                "refresh": {n: {"summary": r.summary.to_dict(orient="records"), "old_old": r.old_old} for n, r in self.refresh.items()}}
+                "refresh": {n: {"summary": r.summary.to_dict(orient="records"), "old_old": r.old_old}
+                            for n, r in self.refresh.items()}}
 
 def _protocol_features(model, data: ProtocolData, cache_dir=None):
     "(Q, G) of one model: query and gallery features after the protocol's `post` step"
@@ -1019,20 +1084,25 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
                       refresh_seeds=(0, 1, 2), compat: bool = True, skip_incompatible: bool = False, cache_dir=None,
                       **protocol_kw) -> ProtocolResult:
     """Old/old, self, cross (and reverse) metrics of every new model on one protocol (a `PROTOCOLS` name or a
-    `ProtocolData`), the compatibility summaries on the primary `metric`, hot refresh of the gallery side and the compatibility matrix"""
+    `ProtocolData`), the compatibility summaries on the primary `metric`, hot refresh of the gallery side and the
+    compatibility matrix"""
     data = protocol if isinstance(protocol, ProtocolData) else PROTOCOLS.get(protocol)(data_root, **protocol_kw)
     if isinstance(new_models, (list, tuple)): new_models = {f"new{i + 1}": m for i, m in enumerate(new_models)}
-    check(isinstance(new_models, dict) and len(new_models) > 0, "new_models must be a non-empty dict name → model (run/model folder or module)")
+    check(isinstance(new_models, dict) and len(new_models) > 0,
+          "new_models must be a non-empty dict name → model (run/model folder or module)")
     if independent is not None: check_choice("independent", independent, list(new_models))
     tfs = dict(gallery_transforms or {})
     for n in tfs: check_choice("gallery_transforms key", n, list(new_models))
-    if len(data.query) == 0: raise ConfigError(f"{data.name}: the query set is empty (0 images); check the protocol files (data_cards/)")
+    if len(data.query) == 0: raise ConfigError(f"{data.name}: the query set is empty (0 images); check the protocol "
+                                               "files (data_cards/)")
     if data.gallery is not None and len(data.gallery) == 0:
-        raise ConfigError(f"{data.name}: the gallery/database is empty (0 images): nothing can be retrieved. Check the protocol files (data_cards/)")
+        raise ConfigError(f"{data.name}: the gallery/database is empty (0 images): nothing can be retrieved. Check the "
+                          "protocol files (data_cards/)")
     Qo, Go = _protocol_features(old_model, data, cache_dir)
     oo, _ = data.scorer(Qo, Go)
     metric = metric or data.primary
-    if metric not in oo: raise ConfigError(f"metric {metric!r} is not a {data.name} metric; choose one of: {', '.join(k for k in oo if not k.startswith('n_'))}")
+    if metric not in oo: raise ConfigError(f"metric {metric!r} is not a {data.name} metric; choose one of: "
+                                           f"{', '.join(k for k in oo if not k.startswith('n_'))}")
     feats, res = {}, {}
     for name, m in new_models.items():
         Qn, Gn = _protocol_features(m, data, cache_dir)
@@ -1040,12 +1110,14 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         Gx = (tf(Go) if tf is not None else Go)
         ok = np.shape(Gx)[1] == Qn.shape[1]
         if not ok and not skip_incompatible:
-            raise ConfigError(f"{data.name}: new model {name!r} embeds in {Qn.shape[1]} dims, the old gallery has {np.shape(Gx)[1]}: the cross test "
-                              "needs a declared transformation (gallery_transforms={name: h}; FCT runs save fct.safetensors) or equal dimensions. "
-                              "Pass skip_incompatible=True to report it without a cross test.")
+            raise ConfigError(f"{data.name}: new model {name!r} embeds in {Qn.shape[1]} dims, the old gallery has "
+                              f"{np.shape(Gx)[1]}: the cross test needs a declared transformation "
+                              "(gallery_transforms={name: h}; FCT runs save fct.safetensors) or equal dimensions. Pass "
+                              "skip_incompatible=True to report it without a cross test.")
         feats[name] = (Qn, Gn, Gx if ok else None)
         res[name] = {"self": data.scorer(Qn, Gn)[0], "cross": data.scorer(Qn, Gx)[0] if ok else None,
-                     "reverse": data.scorer(Qo, Gn)[0] if tf is None and Qo.shape[1] == Gn.shape[1] else None, "transformed": tf is not None}
+                     "reverse": data.scorer(Qo, Gn)[0] if tf is None and Qo.shape[1] == Gn.shape[1] else None,
+                     "transformed": tf is not None}
         if data.name == "ijbc" and res[name]["reverse"] is not None:
             res[name]["cross_swapped"] = {k: v for k, v in res[name]["reverse"].items() if k.startswith("TAR@")}
     ind = res[independent]["self"][metric] if independent is not None else None
@@ -1056,7 +1128,8 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         r["upgrade"] = u
         row = {"method": name}
         for c in [c for c in data.columns if c in oo]:
-            row.update({f"old/old {c}": oo[c], f"self {c}": r["self"][c], f"cross {c}": r["cross"][c] if r["cross"] else np.nan})
+            row.update({f"old/old {c}": oo[c], f"self {c}": r["self"][c],
+                        f"cross {c}": r["cross"][c] if r["cross"] else np.nan})
         row.update({"criterion": {True: "pass", False: "fail", None: "n/a (dims differ)"}[u["criterion"]],
                     "update gain": u["update_gain"], "tax": u["tax"]})
         rows.append(row)
@@ -1067,12 +1140,13 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         ords = tuple(o for o in orderings if o != "uncertainty" or unc is not None)
         for name, (Qn, Gn, Gx) in feats.items():
             if Gx is None or np.shape(Gx)[1] != Gn.shape[1]: continue
-            refreshes[name] = hot_refresh(Qn, Gx, Gn, data.refresh_scorer or data.scorer, q_old=Qo, g_old_ref=Go, orderings=ords, steps=int(refresh_steps),
+            refreshes[name] = hot_refresh(Qn, Gx, Gn, data.refresh_scorer or data.scorer, q_old=Qo, g_old_ref=Go,
+                                          orderings=ords, steps=int(refresh_steps),
                                           seeds=tuple(refresh_seeds), uncertainty=unc, metric=metric)
     cm = None
     gen = [("old", (Qo, Go))] + [(n, (f[0], f[1])) for n, f in feats.items() if f[0].shape[1] == Qo.shape[1]]
     if compat and len(gen) >= 2:
         C = compatibility_matrix([f for _, f in gen], data.scorer, metric=metric)
         cm = {"models": [n for n, _ in gen], "metric": metric, "C": C.tolist(), **compatibility_summary(C)}
-    return ProtocolResult(data.name, metric, oo, res, independent, pd.DataFrame(rows).set_index("method"), refreshes, cm,
-                          {**data.info, "primary": data.primary})
+    return ProtocolResult(data.name, metric, oo, res, independent, pd.DataFrame(rows).set_index("method"), refreshes,
+                          cm, {**data.info, "primary": data.primary})

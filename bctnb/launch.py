@@ -41,7 +41,8 @@ def torchrun_command(target: str, args: Sequence[str] = (), nproc: int = 1, nnod
     cmd += [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", *extra_args]
     is_script = target.endswith(".py") or os.sep in target
     if is_script:
-        if not Path(target).exists(): raise NotFoundError(f"training script {target} does not exist; pass a module name (e.g. 'bctnb.train') or an existing .py file")
+        if not Path(target).exists(): raise NotFoundError(f"training script {target} does not exist; pass a module "
+                                                          "name (e.g. 'bctnb.train') or an existing .py file")
         cmd.append(str(target))
     else: cmd += ["-m", target]
     return cmd + [str(a) for a in args]
@@ -54,7 +55,8 @@ def _stream(proc, echo: bool, tail: deque, timeout: float | None):
     while True:
         if timeout is not None and time.time() - t0 > timeout:
             proc.kill(); proc.wait()
-            raise LaunchError(f"torchrun did not finish within {timeout:.0f} s and was killed; raise timeout= or lower the work (epochs, max_steps)")
+            raise LaunchError(f"torchrun did not finish within {timeout:.0f} s and was killed; raise timeout= or lower "
+                              "the work (epochs, max_steps)")
         if not sel.select(timeout=0.5):
             if proc.poll() is not None: break
             continue
@@ -69,14 +71,15 @@ def _stream(proc, echo: bool, tail: deque, timeout: float | None):
     return proc.wait()
 
 # %% ../nbs/06_launch.ipynb #ac4ae0c8
-def torchrun(target: str = "bctnb.train", config: Config | None = None, nproc: int | None = None, nnodes: int | None = None,
-             max_restarts: int = 0, extra_args: Sequence[str] = (), run_root=None, env: dict | None = None, force: bool = False,
-             omp_threads: int = 1, timeout: float | None = None, echo: bool = True, device: str | None = None,
-             lock_wait: bool | float = False) -> Path:
-    """Run `target` (module or script) under torchrun on the run folder of `config`; stream output; return the run folder.
-    Holds the folder's `RunLock` for the whole launch: another launch of the same run is refused (`lock_wait=False`) or
-    waited for (`True`, or at most that many seconds)"""
-    check(config is not None and hasattr(config, "to_dict"), "torchrun needs a config object (e.g. bctnb.train.TrainConfig)")
+def torchrun(target: str = "bctnb.train", config: Config | None = None, nproc: int | None = None,
+             nnodes: int | None = None, max_restarts: int = 0, extra_args: Sequence[str] = (), run_root=None,
+             env: dict | None = None, force: bool = False, omp_threads: int = 1, timeout: float | None = None,
+             echo: bool = True, device: str | None = None, lock_wait: bool | float = False) -> Path:
+    """Run `target` (module or script) under torchrun on the run folder of `config`; stream output; return the run
+    folder. Holds the folder's `RunLock` for the whole launch: another launch of the same run is refused
+    (`lock_wait=False`) or waited for (`True`, or at most that many seconds)"""
+    check(config is not None and hasattr(config, "to_dict"),
+          "torchrun needs a config object (e.g. bctnb.train.TrainConfig)")
     nproc = getattr(config, "nproc", 1) if nproc is None else nproc
     nnodes = getattr(config, "nnodes", 1) if nnodes is None else nnodes
     check_nproc(nproc, device or getattr(config, "device", "auto"))

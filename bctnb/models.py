@@ -208,13 +208,15 @@ class Head(nn.Module):
                  bias: bool | None = None):
         super().__init__()
         check_choice("head", kind, HEAD_KINDS)
-        check(isinstance(num_classes, int) and num_classes >= 1, f"num_classes={num_classes!r} must be a positive integer")
+        check(isinstance(num_classes, int) and num_classes >= 1,
+              f"num_classes={num_classes!r} must be a positive integer")
         d = HEAD_DEFAULTS[kind]
         self.kind, self.dim, self.num_classes = kind, int(dim), int(num_classes)
         self.s = float(d["s"] if s is None else s); self.m = float(d["m"] if m is None else m)
         check_range("s", self.s, 0, lo_open=True); check_range("m", self.m, 0, math.pi / 2)
         bias = (kind == "softmax") if bias is None else bias
-        check(not (bias and kind != "softmax"), f"bias=True only makes sense for the softmax head, not '{kind}' (cosine heads ignore it); drop bias")
+        check(not (bias and kind != "softmax"),
+              f"bias=True only makes sense for the softmax head, not '{kind}' (cosine heads ignore it); drop bias")
         self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, dim), dim=1))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
@@ -258,12 +260,14 @@ def _tensors(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 def save_model(path, model: nn.Module, head: Head | None = None, label_map=None, meta: dict | None = None) -> Path:
-    "Save a backbone (or an `EmbeddingModel`), its head and the head's label map to folder `path`; returns `path/model.json`"
+    ("Save a backbone (or an `EmbeddingModel`), its head and the head's label map to folder `path`; returns "
+     "`path/model.json`")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     if isinstance(model, EmbeddingModel): model, head = model.backbone, (head or model.head)
     model = getattr(model, "module", model)
     check(hasattr(model, "config") and "name" in model.config,
-          "save_model needs a bctnb backbone (built with create_backbone, so it carries .config); got a plain nn.Module")
+          "save_model needs a bctnb backbone (built with create_backbone, so it carries .config); got a plain "
+          "nn.Module")
     files = {}
     with atomic_path(path/"backbone.safetensors") as tmp:
         save_file(_tensors(model.state_dict()), str(tmp), metadata={"format": MODEL_FORMAT})
@@ -271,7 +275,9 @@ def save_model(path, model: nn.Module, head: Head | None = None, label_map=None,
     lm = None
     if head is not None:
         lm = np.arange(head.num_classes) if label_map is None else np.asarray(label_map, dtype=np.int64)
-        check(len(lm) == head.num_classes, f"label_map has {len(lm)} entries but the head has {head.num_classes} rows; pass one global label per head row")
+        check(len(lm) == head.num_classes,
+              f"label_map has {len(lm)} entries but the head has {head.num_classes} rows; pass one global label per "
+              "head row")
         sd = _tensors(head.state_dict()); sd["label_map"] = torch.as_tensor(lm, dtype=torch.int64)
         with atomic_path(path/"head.safetensors") as tmp: save_file(sd, str(tmp), metadata={"format": MODEL_FORMAT})
         files["head.safetensors"] = sha256_file(path/"head.safetensors")
@@ -284,30 +290,36 @@ def save_model(path, model: nn.Module, head: Head | None = None, label_map=None,
 def _find_model_json(p) -> Path:
     p = Path(p).expanduser()
     if not p.exists():
-        raise NotFoundError(f"checkpoint not found: {p}. Pass a model folder written by bctnb (it contains model.json), "
-                            "a run folder (runs/train_old-<hash>), or train one with nbs/train_old.ipynb.")
+        raise NotFoundError(f"checkpoint not found: {p}. Pass a model folder written by bctnb (it contains "
+                            "model.json), a run folder (runs/train_old-<hash>), or train one with nbs/train_old.ipynb.")
     if p.is_dir():
         for cand in (p/"model.json", p/"model"/"model.json"):
             if cand.exists(): return cand
         if (p/"config.json").exists():
             raise NotFoundError(f"run {p} has no saved model (no {p/'model'/'model.json'}); the run did not finish. "
                                 "Re-run it (it resumes from its last checkpoint) or pass a finished run.")
-        raise IntegrityError(f"{p} is not a bctnb checkpoint folder (no model.json). Save models with bctnb.models.save_model, "
-                             "or convert foreign weights by loading them into create_backbone(...) and calling save_model.")
+        raise IntegrityError(f"{p} is not a bctnb checkpoint folder (no model.json). Save models with "
+                             "bctnb.models.save_model, or convert foreign weights by loading them into "
+                             "create_backbone(...) and calling save_model.")
     if p.name == "model.json": return p
     if p.suffix == ".safetensors" and (p.parent/"model.json").exists(): return p.parent/"model.json"
-    raise IntegrityError(f"{p} is not a bctnb checkpoint (bctnb saves a folder with model.json + .safetensors and never "
-                         "loads pickled .pt/.pth files). Load foreign weights into create_backbone(...) yourself and save_model them.")
+    raise IntegrityError(f"{p} is not a bctnb checkpoint (bctnb saves a folder with model.json + .safetensors and "
+                         "never loads pickled .pt/.pth files). Load foreign weights into create_backbone(...) yourself "
+                         "and save_model them.")
 
 def _load_st(f: Path, sha: str | None, verify: bool) -> dict:
-    if not f.exists(): raise NotFoundError(f"checkpoint file missing: {f} (listed in {f.parent/'model.json'}); restore it or re-save the model")
+    if not f.exists(): raise NotFoundError(f"checkpoint file missing: {f} (listed in {f.parent/'model.json'}); restore "
+                                           "it or re-save the model")
     if verify and sha and sha256_file(f) != sha:
-        raise IntegrityError(f"{f} does not match the sha256 recorded in model.json (modified or truncated); re-save the model or restore the file")
+        raise IntegrityError(f"{f} does not match the sha256 recorded in model.json (modified or truncated); re-save "
+                             "the model or restore the file")
     try: return load_file(str(f))
-    except Exception as e: raise IntegrityError(f"{f} is not a readable safetensors file ({e}); re-save the model") from None
+    except Exception as e: raise IntegrityError(f"{f} is not a readable safetensors file ({e}); re-save the "
+                                                "model") from None
 
 def load_model(path, dim: int | None = None, device="cpu", verify: bool = True):
-    "Load `(backbone, head, info)` from a bctnb model folder / run folder; `info['label_map']` = global label of each head row"
+    ("Load `(backbone, head, info)` from a bctnb model folder / run folder; `info['label_map']` = global label of each "
+     "head row")
     mj = _find_model_json(path)
     try: info = json.loads(mj.read_text())
     except json.JSONDecodeError: info = None
@@ -315,15 +327,17 @@ def load_model(path, dim: int | None = None, device="cpu", verify: bool = True):
         raise IntegrityError(f"{mj} is not a bctnb model description (no \"format\": \"{MODEL_FORMAT}\"); "
                              "pass a folder written by bctnb.models.save_model")
     if dim is not None and int(info["dim"]) != int(dim):
-        raise ConfigError(f"embedding dimension mismatch: the checkpoint {mj.parent} has dim={info['dim']} but dim={dim} was "
-                          f"requested. Use dim={info['dim']} (or a checkpoint trained with dim={dim}).")
+        raise ConfigError(f"embedding dimension mismatch: the checkpoint {mj.parent} has dim={info['dim']} but "
+                          f"dim={dim} was requested. Use dim={info['dim']} (or a checkpoint trained with dim={dim}).")
     cfg = dict(info["backbone"]); name = cfg.pop("name")
     backbone = create_backbone(name, **cfg)
     sd = _load_st(mj.parent/"backbone.safetensors", info["files"].get("backbone.safetensors"), verify)
-    missing, unexpected = [k for k in backbone.state_dict() if k not in sd], [k for k in sd if k not in backbone.state_dict()]
+    missing, unexpected = ([k for k in backbone.state_dict() if k not in sd],
+                           [k for k in sd if k not in backbone.state_dict()])
     if missing or unexpected:
-        raise IntegrityError(f"{mj.parent/'backbone.safetensors'} does not fit backbone '{name}': missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}. The checkpoint is from another architecture or was edited.")
+        raise IntegrityError(f"{mj.parent/'backbone.safetensors'} does not fit backbone '{name}': missing keys "
+                             f"{missing[:5]}, unexpected keys {unexpected[:5]}. The checkpoint is from another "
+                             "architecture or was edited.")
     backbone.load_state_dict(sd, strict=True)
     head = None
     if info.get("head"):
@@ -356,8 +370,10 @@ def _batches(data, batch_size, num_workers):
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data, batch_size: int = 256, flip: str = "none",
-                     precision: Precision | None = None, num_workers: int = 0, rank: int = 0, desc: str = "features") -> torch.Tensor:
-    "Embeddings of every image of `data` (dataset or uint8 tensor), eval mode, float32: N×d, or N×2×d for flip='pair'"
+                     precision: Precision | None = None, num_workers: int = 0, rank: int = 0,
+                     desc: str = "features") -> torch.Tensor:
+    ("Embeddings of every image of `data` (dataset or uint8 tensor), eval mode, float32: N×d, or N×2×d for "
+     "flip='pair'")
     check_choice("flip", flip, ["none", "pair", "sum"])
     backbone = getattr(backbone, "module", backbone)
     was_training = backbone.training
@@ -366,7 +382,8 @@ def extract_features(backbone: nn.Module, data, batch_size: int = 256, flip: str
     ctx = precision.autocast if precision is not None else (lambda: torch.autocast("cpu", enabled=False))
     out, n = [], len(data)
     try:
-        for xb in progress(_batches(data, batch_size, num_workers), rank=rank, total=math.ceil(n / batch_size), desc=desc, leave=False):
+        for xb in progress(_batches(data, batch_size, num_workers), rank=rank, total=math.ceil(n / batch_size),
+                           desc=desc, leave=False):
             x = _normalize(xb).to(device)
             views = [x] if flip == "none" else [x, torch.flip(x, dims=[3])]
             with ctx(): fs = [backbone(v).float() for v in views]

@@ -45,7 +45,8 @@ def split_hash(keys, labels) -> str:
 
 # %% ../nbs/03_prototypes.ipynb #a643964b
 def _describe(tensors: dict) -> dict:
-    return {"shapes": {k: list(v.shape) for k, v in tensors.items()}, "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}}
+    return {"shapes": {k: list(v.shape) for k, v in tensors.items()},
+            "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()}}
 
 def save_artefact(path, tensors: dict[str, Tensor], meta: dict) -> dict:
     "Write `tensors` as safetensors plus a JSON sidecar (`meta` + shapes + the file's sha256), atomically"
@@ -59,14 +60,17 @@ def save_artefact(path, tensors: dict[str, Tensor], meta: dict) -> dict:
 def load_artefact(path, old_model_sha256: str | None = None, verify: bool = True) -> tuple[dict, dict]:
     "Load an artefact written by `save_artefact`; errors name the file and the fix"
     path = Path(path); sc = path.with_suffix(path.suffix + ".json")
-    if not path.exists(): raise NotFoundError(f"old-model artefact {path} does not exist; it is created by the method's setup (or `artefact(...)`) on first use")
+    if not path.exists(): raise NotFoundError(f"old-model artefact {path} does not exist; it is created by the "
+                                              "method's setup (or `artefact(...)`) on first use")
     side = load_json(sc, "artefact sidecar")
     if old_model_sha256 is not None and side.get("old_model_sha256") != old_model_sha256:
         raise IntegrityError(f"{path} was computed from a different old model (recorded old_model_sha256 "
-                             f"{str(side.get('old_model_sha256'))[:12]}…, this old model {old_model_sha256[:12]}…). "
-                             f"Delete {path} and {sc.name} to recompute it, or use a separate cache_dir per old model.")
+                             f"{str(side.get('old_model_sha256'))[:12]}…, this old model "
+                             f"{old_model_sha256[:12]}…). Delete {path} and {sc.name} to recompute it, or use a "
+                             "separate cache_dir per old model.")
     if verify and sha256_file(path) != side.get("sha256"):
-        raise IntegrityError(f"{path} does not match the sha256 recorded in {sc.name} (truncated or modified). Delete both files to recompute.")
+        raise IntegrityError(f"{path} does not match the sha256 recorded in {sc.name} (truncated or modified). Delete "
+                             "both files to recompute.")
     return load_file(str(path)), side
 
 def artefact(path, compute: Callable[[], dict], meta: dict) -> dict[str, Tensor]:
@@ -86,7 +90,8 @@ def old_feature_pair(backbone, dataset, cache_path=None, old_model_sha256: str |
     def compute():
         from bctnb.models import extract_features
         feat = extract_features(backbone, dataset, batch_size=batch_size, flip="pair", precision=precision).float()
-        check(feat.ndim == 3 and feat.shape[1] == 2, f"extract_features(flip='pair') returned shape {tuple(feat.shape)}, expected N×2×d")
+        check(feat.ndim == 3 and feat.shape[1] == 2,
+              f"extract_features(flip='pair') returned shape {tuple(feat.shape)}, expected N×2×d")
         return {"feat": feat, "label": torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64),
                 "index": torch.arange(len(dataset), dtype=torch.int64)}
     if cache_path is None: return compute()["feat"]
@@ -108,7 +113,8 @@ def _classes(labels: Tensor, classes=None) -> Tensor:
     classes = torch.as_tensor(np.asarray(classes), dtype=torch.int64)
     missing = classes[~torch.isin(classes, present)]
     if len(missing): raise ConfigError(f"class(es) {missing[:10].tolist()} have no samples in the features given; "
-                                       "prototypes can only be computed for classes present in the (new) training split")
+                                       "prototypes can only be computed for classes present in the (new) training "
+                                       "split")
     return classes
 
 def class_sums(feats: Tensor, labels: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,7 +127,8 @@ def class_sums(feats: Tensor, labels: Tensor, classes: Tensor) -> tuple[Tensor, 
     counts = torch.zeros(len(classes), dtype=torch.int64).index_add_(0, row[keep], torch.ones_like(row[keep]))
     return sums, counts
 
-def class_means(feats: Tensor, labels, classes=None, spherical: bool = False, normalize: bool = True) -> tuple[Tensor, Tensor]:
+def class_means(feats: Tensor, labels, classes=None, spherical: bool = False,
+                normalize: bool = True) -> tuple[Tensor, Tensor]:
     "C×d class-mean prototypes (raw or spherical mean, row-normalised) and the class of each row"
     feats = torch.as_tensor(feats).float(); labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     cls = _classes(labels, classes)
@@ -156,7 +163,8 @@ def credible_mask(feats: Tensor, labels, T: float = 0.9, column_norm: bool = Fal
     return rank < keep[row]
 
 # %% ../nbs/03_prototypes.ipynb #6c1b7948
-def _refine_class(o: Tensor, n: Tensor, tau: float, lam: float, steps: int | None, transition: str) -> tuple[Tensor, Tensor]:
+def _refine_class(o: Tensor, n: Tensor, tau: float, lam: float, steps: int | None,
+                  transition: str) -> tuple[Tensor, Tensor]:
     "π weights (n_k) and refined prototype (unnormalised) of one class"
     k = o.shape[0]
     if k == 1: return o[0], torch.ones(1, dtype=o.dtype)
@@ -180,7 +188,9 @@ def refine_prototypes(old_feats: Tensor, new_feats: Tensor, labels, tau: float =
     o_all = F.normalize(torch.as_tensor(old_feats).double(), dim=1)
     n_all = F.normalize(torch.as_tensor(new_feats).double(), dim=1)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    check(len(o_all) == len(n_all) == len(labels), f"refine_prototypes: {len(o_all)} old rows, {len(n_all)} new rows, {len(labels)} labels; they must be the same images")
+    check(len(o_all) == len(n_all) == len(labels),
+          f"refine_prototypes: {len(o_all)} old rows, {len(n_all)} new rows, {len(labels)} labels; they must be the "
+          "same images")
     cls = _classes(labels, classes)
     order = torch.argsort(labels, stable=True); sl = labels[order]
     starts = torch.searchsorted(sl, cls); ends = torch.searchsorted(sl, cls, right=True)
@@ -195,7 +205,8 @@ def refine_prototypes(old_feats: Tensor, new_feats: Tensor, labels, tau: float =
 # %% ../nbs/03_prototypes.ipynb #61ec60d9
 def advbct_class_meta(feats: Tensor, labels, classes=None) -> dict[str, Tensor]:
     "AdvBCT class meta: {'center' C×d (unnormalised mean of ô), 'radius_max' C, 'eligible' C bool, 'class' C}"
-    x = F.normalize(torch.as_tensor(feats).double(), dim=1); labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    x = F.normalize(torch.as_tensor(feats).double(), dim=1)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     cls = _classes(labels, classes)
     sums, counts = class_sums(x, labels, cls)
     center = sums / counts.clamp(min=1)[:, None]

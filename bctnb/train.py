@@ -109,16 +109,20 @@ class TrainConfig(Config):
         for k in ("dim", "epochs", "batch_size", "nproc", "nnodes", "ckpt_every", "keep_ckpts", "log_every"):
             v = getattr(self, k)
             check(isinstance(v, int) and v >= 1, f"{k}={v!r} must be a positive integer")
-        check(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps!r} must be a positive integer or None")
+        check(self.max_steps is None or self.max_steps >= 1,
+              f"max_steps={self.max_steps!r} must be a positive integer or None")
         check(self.batch_size % (self.nproc * self.nnodes) == 0,
               f"batch_size={self.batch_size} (global) is not divisible by nproc×nnodes={self.nproc * self.nnodes}; "
-              f"use a multiple, e.g. batch_size={self.batch_size // (self.nproc * self.nnodes) * self.nproc * self.nnodes or self.nproc * self.nnodes}")
+              "use a multiple, e.g. batch_size="
+              f"{self.batch_size // (self.nproc * self.nnodes) * self.nproc * self.nnodes or self.nproc * self.nnodes}")
         check_range("lr", self.lr, 0, lo_open=True)
-        for k in ("momentum", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "aug_jitter"): check_range(k, getattr(self, k), 0)
+        for k in ("momentum", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "aug_jitter"):
+            check_range(k, getattr(self, k), 0)
         check_range("power", self.power, 0, lo_open=True)
         check_range("old_ratio", self.old_ratio, 0, 1, lo_open=True, hi_open=True)
         check_range("test_ratio", self.test_ratio, 0, 1, hi_open=True)
-        check(self.min_lr <= self.lr, f"min_lr={self.min_lr} exceeds lr={self.lr}; the schedule decays from lr to min_lr")
+        check(self.min_lr <= self.lr,
+              f"min_lr={self.min_lr} exceeds lr={self.lr}; the schedule decays from lr to min_lr")
         check(self.warmup_epochs <= self.epochs, f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
 
     @property
@@ -135,9 +139,11 @@ class TrainConfig(Config):
     def run_id(self) -> str: return f"{self.run_name}-{self.hash()}"
 
     def prepare(self):
-        "Check what the run needs before workers start: the dataset (loaded, i.e. built once, here), the split size, the old model"
+        ("Check what the run needs before workers start: the dataset (loaded, i.e. built once, here), the split size, "
+         "the old model")
         ds = load_dataset(self.dataset, root=self.data_root, **self.dataset_kw)
-        split = make_split(ds.labels, self.scenario, old_ratio=self.old_ratio, seed=self.split_seed, test_ratio=self.test_ratio, keys=ds.keys)
+        split = make_split(ds.labels, self.scenario, old_ratio=self.old_ratio, seed=self.split_seed,
+                           test_ratio=self.test_ratio, keys=ds.keys)
         _check_batches(len(split.indices(self.role)), self)
         check_method(self)                  # the old model (loaded, not hashed) against the method: Method.check
 
@@ -249,8 +255,9 @@ def old_model_id(old_run) -> str:
         return f"{rc['name']}-{TrainConfig.from_dict(rc['config']).hash()}"
     mj = p/"model.json" if (p/"model.json").exists() else p/"model"/"model.json"
     if not mj.exists():
-        raise NotFoundError(f"old model not found: {p} is neither a run folder (config.json) nor a model folder (model.json). "
-                            "Pass the run folder train_old.ipynb printed, e.g. runs/train_old-1a2b3c4d5e6f")
+        raise NotFoundError(f"old model not found: {p} is neither a run folder (config.json) nor a model folder "
+                            "(model.json). Pass the run folder train_old.ipynb printed, e.g. "
+                            "runs/train_old-1a2b3c4d5e6f")
     return f"model-{load_json(mj, 'model description')['files']['backbone.safetensors'][:12]}"
 
 # %% ../nbs/05_train.ipynb #a9bd6e67
@@ -289,14 +296,16 @@ def _init_process_group(backend: str, info: DistInfo):
 
 def init_distributed(cfg: TrainConfig):
     "Process group (if launched by torchrun), precision and seeds; returns `(DistInfo, Precision)`"
-    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
     prec = select_precision(cfg.device, cfg.amp, info.local_rank)
     if prec.device.type == "cuda": torch.cuda.set_device(prec.device)
     if info.distributed and not dist.is_initialized():
         _init_process_group(prec.backend, info)
     if info.world_size != cfg.world_size:
-        raise ConfigError(f"the run was configured for nproc×nnodes={cfg.world_size} processes but torchrun started {info.world_size}. "
-                          f"Launch with nproc={cfg.nproc}, nnodes={cfg.nnodes}, or change the config.")
+        raise ConfigError(f"the run was configured for nproc×nnodes={cfg.world_size} processes but torchrun started "
+                          f"{info.world_size}. Launch with nproc={cfg.nproc}, nnodes={cfg.nnodes}, or change the "
+                          "config.")
     seed_everything(cfg.seed, info.rank, cfg.deterministic)
     return info, prec
 
@@ -318,9 +327,11 @@ class TrainData:
 def prepare_data(cfg: TrainConfig) -> TrainData:
     "Dataset, split and the role's training rows"
     ds = load_dataset(cfg.dataset, root=cfg.data_root, **cfg.dataset_kw)
-    split = make_split(ds.labels, cfg.scenario, old_ratio=cfg.old_ratio, seed=cfg.split_seed, test_ratio=cfg.test_ratio, keys=ds.keys)
+    split = make_split(ds.labels, cfg.scenario, old_ratio=cfg.old_ratio, seed=cfg.split_seed, test_ratio=cfg.test_ratio,
+                       keys=ds.keys)
     pos = np.asarray(split.indices(cfg.role), dtype=np.int64)
-    check(len(pos) > 0, f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) is empty; use a larger dataset or another scenario")
+    check(len(pos) > 0, f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) is empty; use a larger dataset or "
+                        "another scenario")
     train_set = ds.subset(pos)
     images = None
     if cfg.in_memory is not False:
@@ -328,18 +339,20 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
         except BctnbError:
             if cfg.in_memory: raise
         except (MemoryError, NotImplementedError):
-            if cfg.in_memory: raise ConfigError(f"in_memory=True but {cfg.dataset}'s {cfg.role} split does not fit in memory; use in_memory=None") from None
+            if cfg.in_memory: raise ConfigError(f"in_memory=True but {cfg.dataset}'s {cfg.role} split does not fit in "
+                                                "memory; use in_memory=None") from None
     return TrainData(ds, split, train_set, pos, torch.as_tensor(split.split_labels(cfg.role)),
                      torch.as_tensor(split.global_labels(cfg.role)), np.asarray(split.label_map(cfg.role)), images)
 
 def _check_batches(n: int, cfg: TrainConfig):
     check(n // cfg.world_size // (cfg.batch_size // cfg.world_size) >= 1,
-          f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) has {n} images, fewer than one global batch of {cfg.batch_size}; "
-          f"lower batch_size to at most {n} (papermill: -p batch_size <n>) or use a larger dataset")
+          f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) has {n} images, fewer than one global batch of "
+          f"{cfg.batch_size}; lower batch_size to at most {n} (papermill: -p batch_size <n>) or use a larger dataset")
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
     "This rank's training-row order for `epoch` (DistributedSampler: seeded shuffle, drop-last)"
-    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
     sampler.set_epoch(epoch)
     return np.fromiter(iter(sampler), dtype=np.int64)
 
@@ -372,7 +385,8 @@ def freeze(m: nn.Module | None) -> nn.Module | None:
 def _rng_json() -> dict:
     st = rng_state()
     out = {"python": [st["python"][0], list(st["python"][1]), st["python"][2]],
-           "numpy": [st["numpy"][0], st["numpy"][1].tolist(), *[x if not isinstance(x, np.generic) else x.item() for x in st["numpy"][2:]]],
+           "numpy": [st["numpy"][0], st["numpy"][1].tolist(),
+                     *[x if not isinstance(x, np.generic) else x.item() for x in st["numpy"][2:]]],
            "torch": st["torch"].tolist()}
     if "cuda" in st: out["cuda"] = [s.tolist() for s in st["cuda"]]
     return out
@@ -409,7 +423,8 @@ def _module_state(prefix, m) -> tuple[dict, dict]:
         else: plain[f"{prefix}.{k}"] = v
     return tensors, plain
 
-def save_checkpoint(ckdir: Path, step: int, trainee: Trainee, opt, scaler, extra: dict, rngs: list, keep: int = 2) -> Path:
+def save_checkpoint(ckdir: Path, step: int, trainee: Trainee, opt, scaler, extra: dict, rngs: list,
+                    keep: int = 2) -> Path:
     "Write checkpoint `step` under `ckdir` and point `ckdir/last.json` at it (rank 0 only)"
     d = ckdir/f"step-{step:08d}"; d.mkdir(parents=True, exist_ok=True)
     t, plain = {}, {}
@@ -419,11 +434,15 @@ def save_checkpoint(ckdir: Path, step: int, trainee: Trainee, opt, scaler, extra
     with atomic_path(d/"state.safetensors") as tmp: save_file(t, str(tmp), metadata={"format": "bctnb-train-state"})
     try: json.dumps(plain)
     except TypeError as e:
-        raise ConfigError(f"module state that is neither a tensor nor JSON-able cannot be checkpointed ({e}); keep method state in "
-                          "registered buffers, or return JSON-able values from get_extra_state()") from None
-    save_json(d/"state.json", {"format": "bctnb-train-state", "step": step, **extra, "modules_extra": plain, "optimizer": om,
+        raise ConfigError(f"module state that is neither a tensor nor JSON-able cannot be checkpointed ({e}); keep "
+                          "method state in registered buffers, or return JSON-able values from "
+                          "get_extra_state()") from None
+    save_json(d/"state.json",
+              {"format": "bctnb-train-state", "step": step, **extra, "modules_extra": plain, "optimizer": om,
                                "scaler": scaler.state_dict(), "rng": rngs})
-    save_json(ckdir/"last.json", {"step": step, "dir": d.name, "sha256": {f: sha256_file(d/f) for f in ("state.safetensors", "state.json")}})
+    save_json(ckdir/"last.json",
+              {"step": step, "dir": d.name,
+               "sha256": {f: sha256_file(d/f) for f in ("state.safetensors", "state.json")}})
     for old in sorted(ckdir.glob("step-*"))[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return d
 
@@ -434,22 +453,24 @@ def load_checkpoint(ckdir: Path) -> tuple[dict, dict] | None:
     d = ckdir/ptr["dir"]
     for f, sha in ptr["sha256"].items():
         if not (d/f).exists() or sha256_file(d/f) != sha:
-            raise IntegrityError(f"checkpoint {d/f} is missing or does not match {ckdir/'last.json'}; delete {ckdir} to restart the run from scratch")
+            raise IntegrityError(f"checkpoint {d/f} is missing or does not match {ckdir/'last.json'}; delete {ckdir} "
+                                 "to restart the run from scratch")
     return load_file(str(d/"state.safetensors")), load_json(d/"state.json")
 
 def _load_module(m, tensors, plain, prefix):
     sd = {k[len(prefix) + 1:]: v for src in (tensors, plain) for k, v in src.items() if k.startswith(prefix + ".")}
     missing, unexpected = m.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise IntegrityError(f"the checkpoint's {prefix} state does not fit the {prefix} built from the config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}). A method must create all its buffers in setup(); or delete the run's "
-                             "ckpt/ folder to train from scratch.")
+        raise IntegrityError(f"the checkpoint's {prefix} state does not fit the {prefix} built from the config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}). A method must create all its "
+                             "buffers in setup(); or delete the run's ckpt/ folder to train from scratch.")
 
 # %% ../nbs/05_train.ipynb #501c0673
 class NonFiniteLossError(BctnbError, FloatingPointError):
     "The loss became NaN or inf; training stopped before the update."
 
-FAULT_ENV = "BCTNB_FAULT_AT_STEP"   # test hook: "STEP" or "STEP:RANK" → that rank SIGKILLs itself once, after that step
+# test hook: "STEP" or "STEP:RANK" → that rank SIGKILLs itself once, after that step
+FAULT_ENV = "BCTNB_FAULT_AT_STEP"
 
 def _maybe_fault(step: int, rank: int):
     spec = os.environ.get(FAULT_ENV)
@@ -482,7 +503,8 @@ def _gather_rngs(info: DistInfo) -> list:
     return out
 
 def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
-    "Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under torchrun"
+    ("Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under "
+     "torchrun")
     info, prec = init_distributed(cfg)
     rank, world = info.rank, info.world_size
     run = Run(run_dir) if run_dir is not None else Run.create(cfg.run_name, cfg, root)
@@ -525,7 +547,8 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     ck = load_checkpoint(run.path/"ckpt")
     if ck is not None:
         tensors, st = ck
-        for name in ("backbone", "head", "method"): _load_module(getattr(trainee, name), tensors, st.get("modules_extra", {}), name)
+        for name in ("backbone", "head", "method"):
+            _load_module(getattr(trainee, name), tensors, st.get("modules_extra", {}), name)
         opt.load_state_dict(_opt_join(tensors, st["optimizer"]))
         if st["scaler"]: scaler.load_state_dict(st["scaler"])
         if len(st["rng"]) == world: set_rng_state(_rng_from_json(st["rng"][rank]))
@@ -536,7 +559,8 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     model = trainee
     if world > 1:
         find_unused = any(p.requires_grad for p in method.parameters())
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(   # method's own state: it syncs it
+        # method's own state: it syncs it
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             trainee, [f"method.{n}" for n, _ in method.named_buffers(recurse=False)])
         model = nn.parallel.DistributedDataParallel(trainee, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                     find_unused_parameters=find_unused)
@@ -559,19 +583,24 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             lr = lr_at(step, total, spe, cfg)
             for g in opt.param_groups: g["lr"] = lr
             pos_t = torch.as_tensor(pos)
-            terms = model(x.to(dev, non_blocking=True), labels=data.labels[pos_t].to(dev), global_labels=data.global_labels[pos_t].to(dev),
+            terms = model(x.to(dev, non_blocking=True), labels=data.labels[pos_t].to(dev),
+                          global_labels=data.global_labels[pos_t].to(dev),
                           index=pos_t.to(dev), flipped=flipped.to(dev), epoch=epoch, step=step, total_steps=total,
                           steps_per_epoch=spe, epochs=cfg.epochs)
-            check(isinstance(terms, dict) and len(terms) > 0, f"method '{cfg.method}' returned {type(terms).__name__}, expected a non-empty dict of loss terms")
+            check(isinstance(terms, dict) and len(terms) > 0,
+                  f"method '{cfg.method}' returned {type(terms).__name__}, expected a non-empty dict of loss terms")
             loss = sum(terms.values())
-            vals = torch.stack([loss.detach().float().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()]).cpu()
+            vals = torch.stack([loss.detach().float().reshape(())]
+                               + [v.detach().float().reshape(()) for v in terms.values()]).cpu()
             if world > 1: dist.all_reduce(vals); vals /= world
             if not torch.isfinite(vals).all():
                 bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, vals[1:].tolist()))
-                where = (f"the last good checkpoint (step {last_good}, {run.path/'ckpt'}) is kept and a re-run resumes from it"
-                         if (run.path/"ckpt"/"last.json").exists() else "no checkpoint was written yet, so a re-run starts from scratch")
-                err = NonFiniteLossError(f"loss is {vals[0].item()} at step {step} (epoch {epoch}; terms: {bad}). Training stopped before "
-                                         f"the update; {where}. Fix: lower lr (now {lr:.3g}), try amp=False, or check the data.")
+                where = (f"the last good checkpoint (step {last_good}, {run.path/'ckpt'}) is kept and a re-run resumes "
+                         "from it" if (run.path/"ckpt"/"last.json").exists()
+                         else "no checkpoint was written yet, so a re-run starts from scratch")
+                err = NonFiniteLossError(f"loss is {vals[0].item()} at step {step} (epoch {epoch}; terms: {bad}). "
+                                         f"Training stopped before the update; {where}. Fix: lower lr (now {lr:.3g}), "
+                                         "try amp=False, or check the data.")
                 if rank == 0: run.set_status("failed", error=str(err))
                 raise err
             opt.zero_grad(set_to_none=True)
@@ -585,8 +614,10 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             bar.update(1)
             if rank == 0 and (step % cfg.log_every == 0 or step == total or bi == spe - 1):
                 el = time.time() - t0
-                run.log(step=step, epoch=epoch, lr=lr, loss=vals[0].item(), **{f"loss_{k}": v for k, v in zip(terms, vals[1:].tolist())},
-                        **{f"stat_{k}": float(v) for k, v in method.stats.items()},             # method diagnostics (rank 0's batch)
+                run.log(step=step, epoch=epoch, lr=lr, loss=vals[0].item(),
+                        **{f"loss_{k}": v for k, v in zip(terms, vals[1:].tolist())},
+                        # method diagnostics (rank 0's batch)
+                        **{f"stat_{k}": float(v) for k, v in method.stats.items()},
                         img_s=seen / el if el > 0 else None)
                 bar.set_postfix(loss=f"{vals[0].item():.3f}", lr=f"{lr:.3g}")
             end_of_epoch = bi == spe - 1 or step == total
@@ -607,8 +638,9 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     # ---- final model
     if rank == 0:
         mdir = run.path/"model"
-        summary = {"steps": step, "epochs_run": len(epoch_losses), "final_loss": epoch_losses[-1] if epoch_losses else None,
-                   "epoch_losses": epoch_losses, "num_classes": data.num_classes, "train_images": int(len(data.positions)),
+        summary = {"steps": step, "epochs_run": len(epoch_losses),
+                   "final_loss": epoch_losses[-1] if epoch_losses else None, "epoch_losses": epoch_losses,
+                   "num_classes": data.num_classes, "train_images": int(len(data.positions)),
                    "split_hash": data.split.hash()}
         save_model(mdir, backbone, head, label_map=data.label_map,
                    meta={"run": run.id, "config": cfg.to_dict(), "split_hash": data.split.hash(), "steps": step})
@@ -621,7 +653,8 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     return run.path
 
 # %% ../nbs/05_train.ipynb #861cefdb
-def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int, cfg: TrainConfig, epoch: int, rank: int):
+def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int, cfg: TrainConfig, epoch: int,
+                  rank: int):
     "Yield `(uint8 images, positions)` for batches bi0 … spe−1 of this rank's epoch order"
     batches = [order[i * b:(i + 1) * b] for i in range(bi0, spe)]
     if data.images is not None:
@@ -629,8 +662,8 @@ def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int
         return
     def init(wid):
         s = derive_seed(cfg.seed, "worker", epoch, rank, wid); np.random.seed(s % 2**32); torch.manual_seed(s)
-    dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=[p.tolist() for p in batches], num_workers=cfg.num_workers,
-                                     worker_init_fn=init, persistent_workers=False)
+    dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=[p.tolist() for p in batches],
+                                     num_workers=cfg.num_workers, worker_init_fn=init, persistent_workers=False)
     for (imgs, _, idx), pos in zip(dl, batches): yield imgs, pos
 
 # %% ../nbs/05_train.ipynb #f3c283c7
