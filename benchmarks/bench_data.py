@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from bctnb.core import environment, save_json
-from bctnb.data import BatchAugment, RecordIODataset, build_emoji, emoji_home, load_emoji, load_folder, normalize, write_recordio
+from bctnb.benchmarks import RecordIODataset, write_recordio
+from bctnb.data import BatchAugment, load_folder, normalize
+from bctnb.emoji import build_emoji, emoji_home, load_emoji
 
 OUT = Path(__file__).resolve().parent / "results" / "data.json"
 

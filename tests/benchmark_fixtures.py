@@ -24,7 +24,7 @@ def write_ijbc(root, n_subjects: int = 6, seed: int = 0) -> Path:
     and a probe template (200+s: two media). G1 = the first half of the subjects, G2 = the rest (disjoint, so every
     probe is mated in one gallery and non-mated in the other). 1:1 pairs: every gallery × probe template (genuine when
     the subject matches) plus gallery × gallery impostors."""
-    from bctnb.data import ARCFACE_TEMPLATE
+    from bctnb.benchmarks import ARCFACE_TEMPLATE
     rng = np.random.default_rng(seed)
     ij = Path(root)/"IJBC"; (ij/"meta").mkdir(parents=True, exist_ok=True)
     tid_rows, lmk_rows, n1 = [], [], {"G1": [], "G2": [], "probe": []}
@@ -76,7 +76,7 @@ def write_gldv2(root, n_landmarks: int = 4, per_landmark: int = 3, seed: int = 0
     """`root/{index,test}.csv`, `root/retrieval_solution_v2.1.csv` and the images at `<split>/a/b/c/<id>.jpg`: one test
     query per landmark (Private, except the last: Public), a Private query whose relevant id is not in the index
     (excluded), and an Ignored row."""
-    from bctnb.data import gldv2_path
+    from bctnb.benchmarks import gldv2_path
     rng = np.random.default_rng(seed)
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     cols = [_colour(rng) for _ in range(n_landmarks)]

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from bctnb.core import ConfigError, IntegrityError, NotFoundError
-from bctnb.data import (DATASETS, EMOJI_STYLES, RECORDIO_MAGIC, RecordIODataset, RecordIOReader, Split, encode_recordio,
-                        load_dataset, load_emoji, make_split, pack_record, unpack_record, write_recordio)
+from bctnb.benchmarks import (RECORDIO_MAGIC, RecordIODataset, RecordIOReader, encode_recordio, pack_record, unpack_record,
+                              write_recordio)
+from bctnb.data import DATASETS, Split, load_dataset, make_split
+from bctnb.emoji import EMOJI_STYLES, load_emoji
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGIC = struct.pack("<I", RECORDIO_MAGIC)

@@ -1,6 +1,6 @@
 """Foundation: the notebooks are the only source of the package, and the documented way of working
 (JupyterLab / a Jupyter server, papermill) stays real."""
-import json, os, shutil, socket, subprocess, sys, time, urllib.request, uuid
+import json, os, re, shutil, socket, subprocess, sys, time, urllib.request, uuid
 from pathlib import Path
 
 import pytest
@@ -183,13 +183,14 @@ def test_package_imports_are_acyclic():
 
 
 def test_modules_import_only_earlier_notebooks():
-    "Notebook order is the layering: nbs/NN_x.ipynb exports a module that imports only modules of smaller NN"
+    "Notebook order is the layering: nbs/NN[a-z]_x.ipynb exports a module that imports only modules of earlier notebooks (01 < 01a < 01b < 02)"
     order = {}
-    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb")):
+        if not (m := re.fullmatch(r"(\d\d[a-z]?)_.+\.ipynb", nb.name)): continue
         src = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"][:3])
         mod = next(l.split()[-1] for l in src.splitlines() if l.startswith("#| default_exp"))
-        order[mod] = int(nb.name[:2])
+        order[mod] = m.group(1)
     graph = bctnb_import_graph(_package_sources())
     assert set(order) == set(graph), f"modules without a numbered notebook: {set(graph) ^ set(order)}"
-    bad = [f"{m} (nbs/{order[m]:02d}) imports {d} (nbs/{order[d]:02d})" for m in graph for d in graph[m] if order[d] >= order[m]]
+    bad = [f"{m} (nbs/{order[m]}) imports {d} (nbs/{order[d]})" for m in graph for d in graph[m] if order[d] >= order[m]]
     assert not bad, "a module imports a later notebook's module: " + "; ".join(sorted(bad))
