@@ -137,7 +137,7 @@ def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
     "FCT: fit h(φ_o(x)) ≈ φ_n(x) on the new training set (bctnb.losses.train_fct); cached in the new run's folder"
     from bctnb.losses import train_fct, save_fct, load_fct
     from bctnb.models import load_model
-    from bctnb.evaluate import features_for, split_images
+    from bctnb.protocols import features_for, split_images
     _, _, oinfo = load_model(Path(old_dir)/"model", verify=False)
     f = Path(new_dir)/f"fct-{oinfo['sha256'][:12]}-e{epochs}-s{seed}.safetensors"
     if f.exists(): return load_fct(f)
@@ -151,7 +151,7 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
                   refresh_steps: int = 10, refresh_seeds=(0, 1, 2), fct_epochs: int | None = None) -> dict:
     """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot refresh.
     With `fct_epochs`, the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
-    from bctnb.evaluate import PROTOCOLS, evaluate_protocol
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol
     data = PROTOCOLS["cpu_tier"](config=cfg)
     tfs = {}
     if fct_epochs:
@@ -303,7 +303,7 @@ def load_results(study_dir) -> pd.DataFrame:
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     "Per-row criterion, paired cross − old/old, update gain and tax (vs the matching independent run)"
-    from bctnb.evaluate import upgrade_metrics
+    from bctnb.compat import upgrade_metrics
     df = df.copy()
     key = ["scenario", "seed", "old_variant"]
     ind = df[df.method == "independent"].set_index(key)

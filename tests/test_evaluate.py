@@ -8,6 +8,8 @@ from sklearn.metrics import average_precision_score, roc_curve
 
 from bctnb.core import ConfigError, NotFoundError
 from bctnb import evaluate as ev
+from bctnb import compat as cp
+from bctnb import protocols as pt
 
 
 # ---------------------------------------------------------------- reference loops (the definitions, one query at a time)
@@ -389,7 +391,7 @@ def test_hot_refresh_endpoints_grid_and_flip_rates():
     Xn = Xo + 0.8 * rng.normal(size=Xo.shape).astype(np.float32)
     sc = ev.loo_scorer(y)
     u = rng.random(90)
-    res = ev.hot_refresh(Xn, Xo, Xn, sc, q_old=Xo, orderings=("random", "discrepancy", "uncertainty", "sigma"),
+    res = cp.hot_refresh(Xn, Xo, Xn, sc, q_old=Xo, orderings=("random", "discrepancy", "uncertainty", "sigma"),
                          steps=10, seeds=(0, 1, 2), uncertainty=u, sigma=-u)
     c = res.curves
     cross = ev.retrieval_metrics(Xn, Xo, y)
@@ -431,7 +433,7 @@ def test_hot_refresh_other_protocol_scorers():
     for scorer, ref in [(ev.revisited_scorer(gnd), lambda q, g: ev.revisited_map(_norm(q) @ _norm(g).T, gnd)["medium"]["mAP"]),
                         (ev.gldv2_scorer(relevant, k=10), lambda q, g: ev.gldv2_map_at_k(_norm(q) @ _norm(g).T, relevant, 10)["mAP@10"]),
                         (ev.split_scorer(rng.integers(0, 3, nq), rng.integers(0, 3, ng)), None)]:
-        res = ev.hot_refresh(Qn, Go, Gn, scorer, q_old=Qn, orderings=("discrepancy",), steps=5)
+        res = cp.hot_refresh(Qn, Go, Gn, scorer, q_old=Qn, orderings=("discrepancy",), steps=5)
         c = res.curves
         assert c.mAP.iloc[0] == pytest.approx(scorer(Qn, Go)[0]["mAP"]) and c.mAP.iloc[-1] == pytest.approx(scorer(Qn, Gn)[0]["mAP"])
         if ref is not None:
@@ -455,9 +457,9 @@ def test_hot_refresh_bad_inputs():
     X = np.ones((4, 3), np.float32)
     sc = ev.loo_scorer([0, 0, 1, 1])
     with pytest.raises(ConfigError, match="differ in dimension"):
-        ev.hot_refresh(X, X, np.ones((4, 5)), sc)
+        cp.hot_refresh(X, X, np.ones((4, 5)), sc)
     with pytest.raises(ConfigError, match="ordering='bogus'"):
-        ev.hot_refresh(X, X, X, sc, orderings=("bogus",))
+        cp.hot_refresh(X, X, X, sc, orderings=("bogus",))
 
 
 # ---------------------------------------------------------------- §2.10 compatibility matrix
@@ -465,16 +467,16 @@ def test_compatibility_matrix_from_scorer_and_tie_rule():
     rng = np.random.default_rng(13)
     X1, y = _clustered(rng, 60, 6, 6)
     feats = [X1, X1 + 0.3 * rng.normal(size=X1.shape).astype(np.float32), X1 + 0.6 * rng.normal(size=X1.shape).astype(np.float32)]
-    C = ev.compatibility_matrix(feats, ev.loo_scorer(y))
+    C = cp.compatibility_matrix(feats, ev.loo_scorer(y))
     assert np.isnan(C[0, 1]) and np.isnan(C[0, 2]) and np.isnan(C[1, 2])
     assert C[2, 0] == pytest.approx(ev.retrieval_metrics(feats[2], feats[0], y)["mAP"])
-    s = ev.compatibility_summary(C)
+    s = cp.compatibility_summary(C)
     i, j = np.tril_indices(3, -1)
     assert s["AC"] == pytest.approx(np.mean(C[i, j] > np.diag(C)[j]))
     tie = np.array([[.5, np.nan], [.5, .6]])
-    assert ev.compatibility_summary(tie)["AC"] == 0.0 and ev.compatibility_summary(tie, ties="pass")["AC"] == 1.0
+    assert cp.compatibility_summary(tie)["AC"] == 0.0 and cp.compatibility_summary(tie, ties="pass")["AC"] == 1.0
     with pytest.raises(ConfigError, match="must be measured"):
-        ev.compatibility_summary(np.array([[.5, np.nan], [np.nan, .6]]))
+        cp.compatibility_summary(np.array([[.5, np.nan], [np.nan, .6]]))
 
 
 # ---------------------------------------------------------------- features_for + the papermill pipeline
@@ -504,16 +506,16 @@ def test_features_for_run_folder_cache_hit_and_key(tmp_path):
     from bctnb.data import load_dataset
     old, (new, _) = _fake_runs(tmp_path / "runs")
     ds = load_dataset("synthetic").subset(np.arange(10))
-    f1, p1 = ev.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
-    f2, p2 = ev.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    f1, p1 = pt.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    f2, p2 = pt.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
     assert p1 == p2 and np.array_equal(f1, f2) and f1.shape == (10, 16)
-    f3, p3 = ev.features_for(new.path, ds, cache_dir=tmp_path / "cache", return_path=True)
+    f3, p3 = pt.features_for(new.path, ds, cache_dir=tmp_path / "cache", return_path=True)
     assert p3 != p1 and not np.allclose(f1, f3)
-    _, p4 = ev.features_for(old.path, ds, flip="sum", cache_dir=tmp_path / "cache", return_path=True)
-    _, p5 = ev.features_for(old.path, load_dataset("synthetic").subset(np.arange(1, 11)), cache_dir=tmp_path / "cache", return_path=True)
+    _, p4 = pt.features_for(old.path, ds, flip="sum", cache_dir=tmp_path / "cache", return_path=True)
+    _, p5 = pt.features_for(old.path, load_dataset("synthetic").subset(np.arange(1, 11)), cache_dir=tmp_path / "cache", return_path=True)
     assert len({p1, p4, p5}) == 3
     with pytest.raises(ConfigError, match="cannot use"):
-        ev.features_for(42, ds, cache_dir=tmp_path / "cache")
+        pt.features_for(42, ds, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.slow
@@ -537,8 +539,8 @@ def test_evaluate_notebook_papermill(tmp_path):
     ds = load_dataset("synthetic")
     sp = make_split(ds.labels, "open-class", old_ratio=0.3, seed=0, test_ratio=0.2, keys=ds.keys)
     test = ds.subset(sp.test); y = ds.labels[sp.test]
-    Fo = ev.features_for(old.path, test, cache_dir=tmp_path / "cache")
-    Fl2 = ev.features_for(news[1].path, test, cache_dir=tmp_path / "cache")
+    Fo = pt.features_for(old.path, test, cache_dir=tmp_path / "cache")
+    Fl2 = pt.features_for(news[1].path, test, cache_dir=tmp_path / "cache")
     assert res["old/old"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fo, Fo, y)["mAP"])
     assert res["new"]["l2"]["cross"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fl2, Fo, y)["mAP"])
     assert res["new"]["l2"]["upgrade"]["criterion"] == (res["new"]["l2"]["cross"]["mAP"] > res["old/old"]["mAP"])
@@ -579,7 +581,7 @@ def tiny_models(tmp_path_factory):
 def _library_cross(name, root, old, new, kw, cache):
     "The cross test M(new, old) recomputed from raw features with the protocol's metric functions (no scorer, no registry)"
     from bctnb.data import load_dataset
-    feats = lambda m, ds, flip="none": ev.features_for(m, ds, flip=flip, cache_dir=cache, batch_size=1)
+    feats = lambda m, ds, flip="none": pt.features_for(m, ds, flip=flip, cache_dir=cache, batch_size=1)
     if name == "ijbc":
         ds = load_dataset("ijbc", root=root, size=kw["image_size"])
         tpl = {}
@@ -617,7 +619,7 @@ def test_benchmark_protocol_roles_metrics_refresh_and_matrix(name, tmp_path, tin
     write, kw, keys, primary = BENCH[name]
     root = write(tmp_path / name)
     cache = tmp_path / "cache"
-    res = ev.evaluate_protocol(name, old, {"copy": old, "new": new}, data_root=root, independent="new", refresh_steps=2,
+    res = pt.evaluate_protocol(name, old, {"copy": old, "new": new}, data_root=root, independent="new", refresh_steps=2,
                                refresh_seeds=(0,), cache_dir=cache, **kw)
     assert res.metric == primary and keys <= set(res.old_old)
     # a new model with the old weights: self, cross and reverse all equal old/old, and the strict criterion fails (tie)
@@ -655,7 +657,7 @@ def test_benchmark_protocol_roles_metrics_refresh_and_matrix(name, tmp_path, tin
 def test_benchmark_protocol_counts_follow_the_protocols(tmp_path, tiny_models):
     "queries without anything to find are excluded (counted), junk and same-camera images are not retrieved"
     old, new, _ = tiny_models
-    c = lambda name, **kw: ev.evaluate_protocol(name, old, {"new": new}, data_root=BENCH[name][0](tmp_path / name), refresh=False,
+    c = lambda name, **kw: pt.evaluate_protocol(name, old, {"new": new}, data_root=BENCH[name][0](tmp_path / name), refresh=False,
                                                 compat=False, cache_dir=tmp_path / "cache", **kw)
     r = c("roxford5k").old_old
     assert (r["n_queries"], r["n_excluded"]) == (4, 1)
@@ -667,7 +669,7 @@ def test_benchmark_protocol_counts_follow_the_protocols(tmp_path, tiny_models):
     r = c("ijbc", image_size=32)
     assert r.info["n_templates"] == 12 and r.info["n_genuine"] == 6 and r.old_old["G1_n_mated"] == 3
     (tmp_path / "ijbc" / "IJBC" / "meta" / "ijbc_1N_probe_mixed.csv").unlink()              # the 1:N files are optional
-    r = ev.evaluate_protocol("ijbc", old, {"new": new}, data_root=tmp_path / "ijbc", image_size=32, refresh=False, cache_dir=tmp_path / "cache")
+    r = pt.evaluate_protocol("ijbc", old, {"new": new}, data_root=tmp_path / "ijbc", image_size=32, refresh=False, cache_dir=tmp_path / "cache")
     assert not r.info["one_to_n"] and "ijbc_1N_probe_mixed.csv" in r.info["note"] and "mean_rank-1" not in r.old_old
     assert "TAR@FAR=0.0001" in r.old_old and "cross mean_rank-1" not in r.table.columns
 
@@ -676,22 +678,22 @@ def test_benchmark_protocol_errors(tmp_path, tiny_models, monkeypatch):
     old, new, wide = tiny_models
     cache = tmp_path / "cache"
     with pytest.raises(NotFoundError) as e:
-        ev.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope")
+        pt.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope")
     msg = str(e.value)
     assert "Expected layout" in msg and "data_cards/gldv2.md" in msg and str(tmp_path / "nope") in msg
     # data_root=None: $BCTNB_DATA/<protocol>
     monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "home"))
     with pytest.raises(NotFoundError, match=r"data_root=None reads \$BCTNB_DATA/ijbc"):
-        ev.evaluate_protocol("ijbc", old, {"new": new})
+        pt.evaluate_protocol("ijbc", old, {"new": new})
     write_market1501(tmp_path / "home" / "market1501")
-    assert ev.evaluate_protocol("market1501", old, {"new": new}, refresh=False, cache_dir=cache).info["n_queries"] == 4
+    assert pt.evaluate_protocol("market1501", old, {"new": new}, refresh=False, cache_dir=cache).info["n_queries"] == 4
     # another embedding dimension needs a declared transformation
     rox = write_revisited(tmp_path / "rox")
     with pytest.raises(ConfigError, match="needs a declared transformation"):
-        ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, cache_dir=cache)
-    r = ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, skip_incompatible=True, cache_dir=cache)
+        pt.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, cache_dir=cache)
+    r = pt.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, skip_incompatible=True, cache_dir=cache)
     assert r.new["wide"]["cross"] is None and r.table.loc["wide", "criterion"] == "n/a (dims differ)" and r.refresh == {}
-    r = ev.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, gallery_transforms={"wide": lambda g: np.pad(g, ((0, 0), (0, 4)))},
+    r = pt.evaluate_protocol("roxford5k", old, {"wide": wide}, data_root=rox, gallery_transforms={"wide": lambda g: np.pad(g, ((0, 0), (0, 4)))},
                              refresh_steps=1, refresh_seeds=(0,), cache_dir=cache)
     assert r.new["wide"]["transformed"] and r.new["wide"]["cross"]["n_queries"] == 4 and set(r.refresh) == {"wide"}
     # an empty database, an unknown protocol / metric / usage
@@ -700,18 +702,18 @@ def test_benchmark_protocol_errors(tmp_path, tiny_models, monkeypatch):
     with open(empty / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": [], "qimlist": ["roxford5k_q_0"], "gnd": [{"bbx": [0, 0, 4, 4], "easy": [], "hard": [], "junk": []}]}, f)
     with pytest.raises(ConfigError, match="gallery/database is empty"):
-        ev.evaluate_protocol("roxford5k", old, {"new": new}, data_root=empty, cache_dir=cache)
+        pt.evaluate_protocol("roxford5k", old, {"new": new}, data_root=empty, cache_dir=cache)
     with pytest.raises(ConfigError, match="Did you mean 'market1501'"):
-        ev.evaluate_protocol("market1502", old, {"new": new})
+        pt.evaluate_protocol("market1502", old, {"new": new})
     with pytest.raises(ConfigError, match="choose one of: mAP, mP@1"):
-        ev.evaluate_protocol("roxford5k", old, {"new": new}, data_root=rox, metric="AUC", cache_dir=cache)
+        pt.evaluate_protocol("roxford5k", old, {"new": new}, data_root=rox, metric="AUC", cache_dir=cache)
     with pytest.raises(ConfigError, match="usage='Hidden'"):
-        ev.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope", usage="Hidden")
+        pt.evaluate_protocol("gldv2", old, {"new": new}, data_root=tmp_path / "nope", usage="Hidden")
     # IJB-C protocol files that do not match the image list
     ij = write_ijbc(tmp_path / "ij")
     (ij / "IJBC" / "meta" / "ijbc_1N_gallery_G2.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n999,4,x.jpg\n")
     with pytest.raises(ConfigError, match="G2 template ids are not among the 12 templates"):
-        ev.evaluate_protocol("ijbc", old, {"new": new}, data_root=ij, image_size=32, cache_dir=cache)
+        pt.evaluate_protocol("ijbc", old, {"new": new}, data_root=ij, image_size=32, cache_dir=cache)
 
 
 @pytest.mark.slow
