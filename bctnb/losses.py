@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 # %% auto #0
 __all__ = ['METHODS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first', 'projection_methods',
-           'Method', 'get_method', 'available_methods', 'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT',
-           'RBT', 'LCE', 'unibct_refresh_epochs', 'UniBCT', 'soft_contrastive', 'same_label_pairs', 'nccl_filter',
-           'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac', 'MixBCT', 'ract_loss', 'RACT', 'Contra', 'BCTRACT',
-           'FCTTransform', 'train_fct', 'save_fct', 'load_fct', 'FCT', 'methods_table']
+           'Method', 'get_method', 'available_methods', 'gallery_fn', 'gallery_transform_of', 'Independent',
+           'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'RBT', 'LCE', 'unibct_refresh_epochs', 'UniBCT',
+           'soft_contrastive', 'same_label_pairs', 'nccl_filter', 'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac',
+           'MixBCT', 'ract_loss', 'RACT', 'Contra', 'BCTRACT', 'FCTTransform', 'train_fct', 'save_fct', 'load_fct',
+           'FCT', 'methods_table']
 
 # %% ../nbs/04_losses.ipynb #b3ba604c
 import numpy as np
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, check_range,
-                        make_generator, derive_seed, runs_home)
+                        make_generator, derive_seed, runs_home, load_json)
 from .models import head_logits, extract_features
 from .prototypes import (model_hash, split_hash, artefact, old_feature_pair, pick_flip, class_means, lce_centres,
                               refine_prototypes, advbct_class_meta, credible_mask, save_artefact, load_artefact)
@@ -129,6 +130,8 @@ class Method(nn.Module):
     old_features: ClassVar[str | None] = None     # None | "online" | "cached": per-batch old features it uses
     equal_dims: ClassVar[bool] = True
     defaults: ClassVar[dict] = {}
+    trains_as: ClassVar[str | None] = None        # the method whose training run this one shares (None: its own)
+    post_epochs: ClassVar[dict] = {}              # post-training stage: default epochs per scale / preset
 
     def __init__(self, **hparams):
         super().__init__()
@@ -210,6 +213,40 @@ class Method(nn.Module):
             self.source = src
             if src == "cached": self.old_pair(ctx)
 
+    # --- the post-training stage (a gallery transformation), off unless a method overrides fit_gallery_transform -----
+    @classmethod
+    def has_post_stage(cls) -> bool:
+        "True when the method fits a gallery transformation after its backbone trains"
+        return cls.fit_gallery_transform.__func__ is not Method.fit_gallery_transform.__func__
+
+    @classmethod
+    def post_stage_epochs(cls, scale: str) -> int:
+        "Default epochs of the post stage at a study scale or training preset (a key of `post_epochs`)"
+        check(cls.has_post_stage(), f"method '{cls.name}' has no post-training stage")
+        check_choice(f"post-stage scale of method '{cls.name}'", scale, list(cls.post_epochs))
+        return int(cls.post_epochs[scale])
+
+    @classmethod
+    def fit_gallery_transform(cls, old_feats: Tensor, new_feats: Tensor, epochs: int, seed: int = 0) -> nn.Module:
+        """The post stage: fit h with h(φ_o(x)) ≈ φ_n(x) on features of the new training set (row i of both: the same
+        image); the old gallery is then upgraded to h(φ_o(g)). Returns h in eval mode"""
+        raise NotImplementedError(f"method '{cls.name}' has no post-training stage")
+
+    @classmethod
+    def save_gallery_transform(cls, path, h: nn.Module) -> Path:
+        "Save a fitted h at `path` (safetensors + its JSON side file)"
+        raise NotImplementedError(f"method '{cls.name}' has no post-training stage")
+
+    @classmethod
+    def load_gallery_transform(cls, path) -> nn.Module:
+        "Load an h saved by `save_gallery_transform` (eval mode)"
+        raise NotImplementedError(f"method '{cls.name}' has no post-training stage")
+
+    @classmethod
+    def gallery_transform_file(cls) -> str:
+        "File name of the fitted h in a run folder of this method (written by train_new.ipynb)"
+        return f"{cls.name}.safetensors"
+
     def old_hash(self, ctx: MethodContext) -> str:
         info = ctx.old_info or {}
         return str(info.get("sha256") or model_hash(ctx.old_backbone))
@@ -275,6 +312,24 @@ def get_method(name: str, **hparams) -> Method:
 def available_methods() -> list[str]:
     "Names of every registered method"
     return METHODS.names()
+
+def gallery_fn(h: nn.Module):
+    "A fitted transformation h as a gallery transform of numpy features (`evaluate_protocol(gallery_transforms=...)`)"
+    def apply(G):
+        with torch.no_grad(): return h(torch.as_tensor(np.asarray(G), dtype=torch.float32)).numpy()
+    return apply
+
+def gallery_transform_of(folder, method: str | None = None):
+    """The gallery transform a trained run saved in `folder` (its method's post stage, `gallery_transform_file()`) as a
+    numpy callable; None when the method has no post stage or the file is absent. `method`: default the run config's"""
+    folder = Path(folder)
+    if method is None:
+        if not (folder/"config.json").exists(): return None
+        method = load_json(folder/"config.json", "run config").get("config", {}).get("method")
+    if method not in METHODS.names() or not METHODS.get(method).has_post_stage(): return None
+    cls = METHODS.get(method)
+    f = folder/cls.gallery_transform_file()
+    return gallery_fn(cls.load_gallery_transform(f)) if f.exists() else None
 
 # %% ../nbs/04_losses.ipynb #c28806f4
 @METHODS.register()
@@ -785,8 +840,21 @@ def load_fct(path) -> FCTTransform:
 
 @METHODS.register()
 class FCT(Independent):
-    "Training stage of FCT: the new model is unconstrained, L = CE(H(f), y); the transformation is `train_fct` afterwards"
+    """FCT: the new model trains unconstrained, L = CE(H(f), y) (the run `independent` trains); its post stage fits
+    h(φ_o) ≈ φ_n (`train_fct`) on the new training set and the gallery becomes h(φ_o(g))"""
     name = "fct"; needs_old = True; equal_dims = False; old_features = None
+    trains_as = "independent"
+    post_epochs = {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}
+
+    @classmethod
+    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0) -> FCTTransform:
+        return train_fct(old_feats, new_feats, epochs=epochs, seed=seed)
+
+    @classmethod
+    def save_gallery_transform(cls, path, h: FCTTransform) -> Path: return save_fct(path, h)
+
+    @classmethod
+    def load_gallery_transform(cls, path) -> FCTTransform: return load_fct(path)
 
 # %% ../nbs/04_losses.ipynb #cdf9c4af
 def methods_table():

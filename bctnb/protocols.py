@@ -14,7 +14,8 @@ from typing import Any, Callable
 __all__ = ['FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'PROTOCOLS', 'module_hash', 'dataset_fingerprint', 'features_cache_dir',
            'features_for', 'ProtocolData', 'protocol_root', 'retrieval_protocol', 'roxford5k_protocol',
            'rparis6k_protocol', 'gldv2_protocol', 'market1501_protocol', 'ijbc_protocol', 'pair_tar', 'split_images',
-           'cpu_tier_protocol', 'list_protocols', 'ProtocolResult', 'head_uncertainty', 'evaluate_protocol']
+           'cpu_tier_protocol', 'list_protocols', 'ProtocolResult', 'head_uncertainty', 'evaluate_protocol',
+           'fit_post_stage']
 
 # %% ../nbs/07b_protocols.ipynb #dfbef302
 import numpy as np
@@ -352,7 +353,8 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         if not ok and not skip_incompatible:
             raise ConfigError(f"{data.name}: new model {name!r} embeds in {Qn.shape[1]} dims, the old gallery has "
                               f"{np.shape(Gx)[1]}: the cross test needs a declared transformation "
-                              "(gallery_transforms={name: h}; FCT runs save fct.safetensors) or equal dimensions. Pass "
+                              "(gallery_transforms={name: h}; a method with a post-training stage saves its h in "
+                              "the run folder: bctnb.losses.gallery_transform_of) or equal dimensions. Pass "
                               "skip_incompatible=True to report it without a cross test.")
         feats[name] = (Qn, Gn, Gx if ok else None)
         res[name] = {"self": data.scorer(Qn, Gn)[0], "cross": data.scorer(Qn, Gx)[0] if ok else None,
@@ -390,3 +392,19 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
         cm = {"models": [n for n, _ in gen], "metric": metric, "C": C.tolist(), **compatibility_summary(C)}
     return ProtocolResult(data.name, metric, oo, res, independent, pd.DataFrame(rows).set_index("method"), refreshes,
                           cm, {**data.info, "primary": data.primary})
+
+# %% ../nbs/07b_protocols.ipynb #7c2e4a02
+def fit_post_stage(method: str, old_model, new_model, config, epochs: int, seed: int = 0, path=None, cache_dir=None):
+    """The post-training stage of `method` on a trained (old, new) pair: features (`features_for`) of the new
+    training set of `config`'s split, `fit_gallery_transform(old, new, epochs, seed)`, saved at `path` (loaded instead
+    when it exists)"""
+    from bctnb.losses import METHODS
+    cls = METHODS.get(method)
+    check(cls.has_post_stage(), f"method '{method}' has no post-training stage (no gallery transformation to fit)")
+    if path is not None and Path(path).exists(): return cls.load_gallery_transform(path)
+    X, _ = split_images(config, "new")
+    old = torch.as_tensor(features_for(old_model, X, cache_dir=cache_dir))
+    new = torch.as_tensor(features_for(new_model, X, cache_dir=cache_dir))
+    h = cls.fit_gallery_transform(old, new, epochs=epochs, seed=seed)
+    if path is not None: cls.save_gallery_transform(path, h)
+    return h

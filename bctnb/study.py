@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'FCT_EPOCHS', 'PAPER_DATA', 'OLD_VARIANTS', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS',
-           'SWEEP_NCCL', 'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'fit_fct',
-           'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results', 'add_derived', 'summary_table',
-           'verdicts', 'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
+__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS', 'SWEEP_NCCL',
+           'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'evaluate_pair',
+           'result_path', 'run_study', 'check_batches', 'load_results', 'add_derived', 'summary_table', 'verdicts',
+           'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
            'old_model_table', 'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce',
            'sweep_jobs', 'run_sweep', 'zoo_home', 'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown',
            'paper_commands', 'paper_plan_or_refuse']
@@ -35,7 +35,6 @@ SCALES = {
     "cpu":   dict(preset="cpu", seeds=(0, 1, 2), old={}, new={}),
     "paper": dict(preset="paper", seeds=(0, 1, 2), old={}, new={}),
 }
-FCT_EPOCHS = {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}    # epochs of the FCT transformation h
 
 PAPER_DATA = {"face": ("ms1mv3_rec", "ijbc"), "landmark": ("gldv2", "roxford5k")}
 
@@ -54,7 +53,7 @@ class Job:
     old: "Job | None" = None
     tags: dict = field(default_factory=dict)    # method, scenario, seed, old_variant, ...
     refresh: bool = False               # also run the hot-refresh sweep for this job
-    fct_epochs: int | None = None       # fct: train h(old) → new on the new training set, gallery = h(φ_o(g))
+    post_epochs: int | None = None      # a method with a post-training stage: its epochs (gallery = h(φ_o(g)))
 
     def config(self, old_run: str | None = None):
         from bctnb.train import TrainConfig
@@ -95,7 +94,7 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
     seed × old variant. `data_root`, `dataset_kw` and `batch_size` go into every job, old and new"""
     info = scale_info(scale)
     from bctnb.data import SCENARIOS, dataset_args
-    from bctnb.losses import available_methods, get_method
+    from bctnb.losses import METHODS, available_methods, get_method
     for s in scenarios: check_choice("scenario", s, SCENARIOS)
     for m in methods:
         name, kw = parse_method(m)
@@ -123,48 +122,41 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                                     tags={"old_variant": v, "seed": seed, "old_split": key[2]})
                 nd = OLD_VARIANTS[v]["dim"]
                 for m in methods:
-                    name, kw = parse_method(m)
-                    # fct reuses the independent model's run (same training config), then fits h(old) → new
+                    name, kw = parse_method(m); cls = METHODS.get(name)
+                    post = cls.post_stage_epochs(scale) if cls.has_post_stage() else None
+                    # a method with `trains_as` reuses that method's run (same training config); a post stage fits h
                     nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed, "dim": nd,
-                          "method": "independent" if name == "fct" else name, "method_kw": {**method_kw.get(name, {}), **kw}}
+                          "method": cls.trains_as or name, "method_kw": {**method_kw.get(name, {}), **kw}}
                     jobs.append(Job(f"{m}/{sc}/{v}/s{seed}", nv, "new", info["preset"], old=olds[key],
                                     tags={"method": m, "scenario": sc, "seed": seed, "old_variant": v},
-                                    refresh=m in refresh_methods, fct_epochs=FCT_EPOCHS[scale] if name == "fct" else None))
+                                    refresh=m in refresh_methods, post_epochs=post))
     return list(olds.values()) + jobs
 
 # %% ../nbs/08_study.ipynb #61f3edc8
-def fit_fct(old_dir, new_dir, cfg, epochs: int, seed: int = 0):
-    "FCT: fit h(φ_o(x)) ≈ φ_n(x) on the new training set (bctnb.losses.train_fct); cached in the new run's folder"
-    from bctnb.losses import train_fct, save_fct, load_fct
-    from bctnb.models import load_model
-    from bctnb.protocols import features_for, split_images
-    _, _, oinfo = load_model(Path(old_dir)/"model", verify=False)
-    f = Path(new_dir)/f"fct-{oinfo['sha256'][:12]}-e{epochs}-s{seed}.safetensors"
-    if f.exists(): return load_fct(f)
-    X, _ = split_images(cfg, "new")
-    h = train_fct(torch.as_tensor(features_for(Path(old_dir)/"model", X)), torch.as_tensor(features_for(Path(new_dir)/"model", X)),
-                  epochs=epochs, seed=seed)
-    save_fct(f, h)
-    return h
-
-def evaluate_pair(old_run, new_run, cfg, refresh: bool = False,
-                  refresh_steps: int = 10, refresh_seeds=(0, 1, 2), fct_epochs: int | None = None) -> dict:
+def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
+                  method: str | None = None, post_epochs: int | None = None) -> dict:
     """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot refresh.
-    With `fct_epochs`, the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
-    from bctnb.protocols import PROTOCOLS, evaluate_protocol
+    `method` (a spec like "fct" or "nccl:tau=0.1"; default the run's `cfg.method`): when it has a post-training stage,
+    h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in the new
+    run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage
+    from bctnb.losses import METHODS, gallery_fn
+    from bctnb.models import load_model
     data = PROTOCOLS["cpu_tier"](config=cfg)
-    tfs = {}
-    if fct_epochs:
-        h = fit_fct(old_run, new_run, cfg, fct_epochs, seed=cfg.seed)
-        def tf(G):
-            with torch.no_grad(): return h(torch.as_tensor(G)).numpy()
-        tfs["new"] = tf
+    name = parse_method(method)[0] if method else cfg.method
+    cls, tfs = METHODS.get(name), {}
+    if cls.has_post_stage():
+        epochs, seed = post_epochs or cls.post_stage_epochs(cfg.preset), cfg.seed
+        sha = load_model(Path(old_run)/"model", verify=False)[2]["sha256"]
+        h = fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed,
+                           path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}.safetensors")
+        tfs["new"] = gallery_fn(h)
     ev = evaluate_protocol(data, Path(old_run)/"model", {"new": Path(new_run)/"model"}, gallery_transforms=tfs,
                            refresh=refresh, refresh_steps=refresh_steps, refresh_seeds=refresh_seeds, compat=False)
     keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}
     r = ev.new["new"]
     out = {"old/old": keep(ev.old_old), "self": keep(r["self"]), "cross": keep(r["cross"]),
-           "gallery": "h(old)" if fct_epochs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
+           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
     if refresh:
         rr = ev.refresh["new"]
         out["refresh"] = {"curves": rr.curves.to_dict(orient="list"), "summary": rr.summary.to_dict(orient="records")}
@@ -190,7 +182,8 @@ def _reuse_result(study_dir, job: Job, name: str) -> bool:
 
 def _train(job: Job, old_dir, run_root) -> Path:
     """Train one job as a single-process torchrun job (returns at once if its run folder is already done).
-    Jobs with the same training config (e.g. `independent` and `fct`) share one run: the second waits for the first
+    Jobs with the same training config (a method and one that `trains_as` it, e.g. `independent` and `fct`) share one
+    run: the second waits for the first
     (in this process on a thread lock; another study process waits on the run folder's `RunLock`, `lock_wait=True`)."""
     from bctnb.launch import torchrun
     cfg = job.config(old_dir)
@@ -232,7 +225,8 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         d = _train(j, old_dirs[j.old.id], run_root)
         wall = Run(d).status.get("wall_s") or time.time() - t   # the model's own training time (≈ 0 s waited for a run already done)
         cfg = j.config(old_dirs[j.old.id])
-        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, fct_epochs=j.fct_epochs)
+        ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, method=j.tags["method"],
+                           post_epochs=j.post_epochs)
         res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
                "old_run": Path(old_dirs[j.old.id]).name, "old_label": j.old.label, "config": cfg.to_dict(),
                "train_wall_s": wall, "old_train_wall_s": Run(old_dirs[j.old.id]).status.get("wall_s"),
@@ -595,11 +589,13 @@ def reference_check(study_dir, ref_dir, atol: float = 1e-9) -> tuple[pd.DataFram
 TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["nccl:tau=0.05", "advbct:p2s_weight=10"]}
 
 def default_methods(scale: str | None = None) -> list[str]:
-    """The methods the papers compare, each training a new backbone: every registered method except `fct` (a separate
-    stage after an independent model) and `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
+    """The methods the papers compare, each training a new backbone: every registered method except those that share
+    another method's run (`trains_as`, e.g. fct: a post stage after an independent model) and
+    `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
     followed by the scale's tuned variants (`TUNED_VARIANTS`)"""
-    from bctnb.losses import available_methods
-    return [m for m in available_methods() if m not in ("fct", "contra")] + tuned_variants(scale)
+    from bctnb.losses import METHODS, available_methods
+    own = [m for m in available_methods() if METHODS.get(m).trains_as is None and m != "contra"]
+    return own + tuned_variants(scale)
 
 def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = None) -> list[str]:
     "The scale's tuned hyper-parameter variants (of `methods` only, when given)"

@@ -1,0 +1,183 @@
+"""The post-training stage hook of `bctnb.losses.Method` (a gallery transformation fitted after the backbone trains, e.g.
+FCT's h): the method declares it, and study planning, `evaluate_pair`, `train_new.ipynb` and `evaluate.ipynb` use it
+without naming a method."""
+import json, os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
+from bctnb.core import ConfigError
+from bctnb.losses import METHODS, Independent, available_methods, gallery_fn, gallery_transform_of
+from bctnb.prototypes import load_artefact, save_artefact
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = {"dataset": "synthetic", "dataset_kw": {"num_classes": 20, "per_class": 4, "size": 16}, "scenario": "open-class",
+       "old_ratio": 0.3, "split_seed": 0, "test_ratio": 0.2}
+
+
+def _pair(n=256, d_old=6, d_new=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(n, d_old, generator=g)
+    return old, old @ torch.randn(d_old, d_new, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------ the hook itself
+def test_only_post_stage_methods_have_one_and_fct_keeps_its_defaults():
+    with_post = [n for n in available_methods() if METHODS.get(n).has_post_stage()]
+    assert with_post == ["fct"]
+    fct = METHODS.get("fct")
+    assert fct.trains_as == "independent" and fct.needs_old and not fct.equal_dims
+    assert {s: fct.post_stage_epochs(s) for s in ("smoke", "quick", "cpu", "paper")} == {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}
+    assert fct.gallery_transform_file() == "fct.safetensors"
+    for n in available_methods():                      # sharing a run means sharing the loss
+        c = METHODS.get(n)
+        if c.trains_as: assert issubclass(c, METHODS.get(c.trains_as)), n
+    l2 = METHODS.get("l2")
+    with pytest.raises(NotImplementedError, match="no post-training stage"):
+        l2.fit_gallery_transform(*_pair(), epochs=1)
+    with pytest.raises(ConfigError, match="no post-training stage"):
+        l2.post_stage_epochs("cpu")
+
+
+def test_fct_post_stage_on_synthetic_features(tmp_path):
+    old, new = _pair()
+    fct = METHODS.get("fct")
+    h = fct.fit_gallery_transform(old, new, epochs=3, seed=0)
+    h2 = fct.fit_gallery_transform(old, new, epochs=3, seed=0)
+    with torch.no_grad():
+        assert torch.equal(h(old), h2(old))                                   # seeded: the same h
+        assert h(old).shape == new.shape
+    run = tmp_path / "run"; run.mkdir()
+    fct.save_gallery_transform(run / fct.gallery_transform_file(), h)
+    (run / "config.json").write_text(json.dumps({"config": {"method": "fct"}}))
+    tf = gallery_transform_of(run)
+    with torch.no_grad(): assert np.array_equal(tf(old.numpy()), h(old).numpy())
+    assert np.array_equal(gallery_fn(h)(old.numpy()), tf(old.numpy()))
+    assert gallery_transform_of(run, "independent") is None                    # no post stage: nothing loaded
+    assert gallery_transform_of(tmp_path / "empty") is None
+
+
+# ------------------------------------------------------------------------------------ a second method plugs in the same way
+class ToyPost(Independent):
+    "Toy transformation method: trains as independent, then h = least-squares linear map old → new, L = CE(H(f), y)"
+    name = "toy_post"; needs_old = True; equal_dims = False
+    trains_as = "independent"
+    post_epochs = {"smoke": 1, "quick": 1, "cpu": 1, "paper": 1}
+
+    @classmethod
+    def fit_gallery_transform(cls, old_feats, new_feats, epochs, seed=0):
+        W = torch.linalg.lstsq(torch.as_tensor(old_feats).float(), torch.as_tensor(new_feats).float()).solution
+        h = nn.Linear(W.shape[0], W.shape[1], bias=False); h.weight.data = W.T.contiguous()
+        return h.eval()
+
+    @classmethod
+    def save_gallery_transform(cls, path, h):
+        save_artefact(path, h.state_dict(), {"kind": "toy_post"}); return Path(path)
+
+    @classmethod
+    def load_gallery_transform(cls, path):
+        sd, _ = load_artefact(path)
+        h = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0], bias=False); h.load_state_dict(sd)
+        return h.eval()
+
+
+@pytest.fixture
+def toy_post():
+    METHODS.register()(ToyPost)
+    yield ToyPost
+    METHODS._items.pop("toy_post", None)
+
+
+def test_a_new_transformation_method_plugs_in_without_naming_it(toy_post, tmp_path):
+    from bctnb.evaluate import PROTOCOLS, evaluate_protocol, fit_post_stage
+    from bctnb.models import create_backbone
+    from bctnb.study import default_methods, plan_study
+    jobs = plan_study("smoke", ["open-class"], ["independent", "toy_post"])
+    ind, toy = jobs[1], jobs[2]
+    assert toy.overrides["method"] == "independent" and toy.config().hash() == ind.config().hash()
+    assert (ind.post_epochs, toy.post_epochs) == (None, 1) and "toy_post" not in default_methods("smoke")
+    torch.manual_seed(0)
+    bo, bn = create_backbone("cpu_resnet", dim=8, widths=(8, 8, 8, 8)), create_backbone("cpu_resnet", dim=12, widths=(8, 8, 8, 8))
+    run = tmp_path / "run"; run.mkdir()
+    f = run / toy_post.gallery_transform_file()
+    h = fit_post_stage("toy_post", bo, bn, CFG, epochs=1, path=f, cache_dir=tmp_path / "cache")
+    assert f.exists() and isinstance(h, nn.Linear) and h.weight.shape == (12, 8)
+    (run / "config.json").write_text(json.dumps({"config": {"method": "toy_post"}}))
+    tf = gallery_transform_of(run)
+    pr = evaluate_protocol(PROTOCOLS["cpu_tier"](config=CFG), bo, {"toy": bn}, gallery_transforms={"toy": tf},
+                           refresh=False, compat=False, cache_dir=tmp_path / "cache")
+    assert pr.new["toy"]["transformed"] and 0.0 <= pr.new["toy"]["cross"]["mAP"] <= 1.0
+
+
+# ------------------------------------------------------------------------------ evaluate_pair: the study's evaluation
+def _fake_runs(root, new_methods=("independent",), dims=(16, 16)):
+    "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
+    from bctnb.core import Run
+    from bctnb.models import create_backbone, create_head, save_model
+    from bctnb.train import TrainConfig
+    torch.manual_seed(0)
+    base = dict(dataset="synthetic", backbone="cpu_resnet", split_seed=0, test_ratio=0.2)
+    old = Run.create("train_old", TrainConfig.make("smoke", role="old", dim=dims[0], **base).to_dict(), root=root)
+    save_model(old.path / "model", create_backbone("cpu_resnet", dim=dims[0]), create_head("softmax", dims[0], 11),
+               label_map=np.arange(11))
+    old.finish()
+    news = []
+    for m in new_methods:
+        cfg = {**TrainConfig.make("smoke", role="new", dim=dims[1], **base).to_dict(), "method": m, "old_run": str(old.path)}
+        r = Run.create("train_new", cfg, root=root)
+        save_model(r.path / "model", create_backbone("cpu_resnet", dim=dims[1]))
+        r.finish()
+        news.append(r)
+    return old, news
+
+
+def test_evaluate_pair_runs_the_method_post_stage_and_caches_it(tmp_path, monkeypatch):
+    from bctnb.models import load_model
+    from bctnb.study import evaluate_pair
+    from bctnb.train import TrainConfig
+    monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "data"))
+    old, (new,) = _fake_runs(tmp_path / "runs")
+    cfg = TrainConfig.from_dict({**new.config, "old_run": str(old.path)})
+    plain = evaluate_pair(old.path, new.path, cfg)                          # cfg.method = independent: no post stage
+    assert plain["gallery"] == "old" and not list(new.path.glob("fct-*"))
+    got = evaluate_pair(old.path, new.path, cfg, method="fct", post_epochs=1)
+    sha = load_model(old.path / "model", verify=False)[2]["sha256"]
+    cache = new.path / f"fct-{sha[:12]}-e1-s{cfg.seed}.safetensors"           # the study's cache name, unchanged
+    assert got["gallery"] == "h(old)" and cache.exists()
+    assert got["self"] == plain["self"] and got["old/old"] == plain["old/old"]
+    mtime = cache.stat().st_mtime_ns
+    again = evaluate_pair(old.path, new.path, cfg, method="fct", post_epochs=1)
+    assert again == got and cache.stat().st_mtime_ns == mtime               # reloaded, not refitted
+
+
+# ---------------------------------------------------------------------- the pipelines never test for a method name
+@pytest.mark.parametrize("nb", ["train_new.ipynb", "evaluate.ipynb", "08_study.ipynb"])
+def test_pipelines_do_not_special_case_fct(nb):
+    cells = json.loads((ROOT / "nbs" / nb).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    for bad in ('== "fct"', "== 'fct'", "fct_epochs", "FCT_EPOCHS", "load_fct", "train_fct", "fct.safetensors"):
+        assert bad not in code, (nb, bad)
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_loads_a_run_gallery_transform_generically(tmp_path):
+    "evaluate.ipynb (default protocol cpu_tier) cross-tests a run of another dimension through the h its method saved"
+    import papermill as pm
+    old, (ind, fct_run) = _fake_runs(tmp_path / "runs", new_methods=("independent", "fct"), dims=(16, 16))
+    fct = METHODS.get("fct")
+    h = fct.fit_gallery_transform(*_pair(64, 16, 16), epochs=1)
+    fct.save_gallery_transform(fct_run.path / fct.gallery_transform_file(), h)
+    out = tmp_path / "eval"
+    pm.execute_notebook(str(ROOT / "nbs" / "evaluate.ipynb"), str(tmp_path / "evaluate_out.ipynb"), kernel_name="python3",
+                        cwd=str(ROOT / "nbs"), progress_bar=False, execution_timeout=600,
+                        parameters=dict(old_run=str(old.path), new_runs=json.dumps([str(ind.path), str(fct_run.path)]),
+                                        refresh_steps=2, refresh_seeds=[0], out_dir=str(out), cache_dir=str(tmp_path / "cache")))
+    (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
+    res = json.loads((ed / "evaluation.json").read_text())
+    assert res["protocol"] == "cpu_tier" and "TAR" in res["old/old"]
+    assert res["new"]["fct"]["gallery"] == "h(old)" and res["new"]["fct"]["transformed"]
+    assert res["new"]["independent"]["gallery"] == "old" and not res["new"]["independent"]["transformed"]
