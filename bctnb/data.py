@@ -280,7 +280,7 @@ def _data_split(pos: np.ndarray, label: int, r: float, rule: str, within: str, s
 
 def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, test_ratio: float = 0.2, keys=None,
                order: str = "seeded", rule: str = "mx", within: str = "seeded", singletons: str = "both") -> Split:
-    "Carve a class-disjoint test set, then split the rest for the old and new models per `scenario` (protocols §1)"
+    "Carve a class-disjoint test set, then split the rest for the old and new models per `scenario`"
     check_choice("scenario", scenario, SCENARIOS)
     check_range("old_ratio", old_ratio, 0, 1, lo_open=True, hi_open=True)
     check_range("test_ratio", test_ratio, 0, 1, hi_open=True)
@@ -320,7 +320,7 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
     if scenario.endswith("-data"):
         if singles and singletons == "error":
             raise ConfigError(f"{len(singles)} training classes have a single image (e.g. global labels {singles[:5]}) and cannot be split by data. "
-                              "Pass singletons='both' (the image goes to both sets, protocols §1.3) or drop those classes first.")
+                              "Pass singletons='both' (the image goes to both sets) or drop those classes first.")
         o, n = [], []
         for a0, b0 in zip(starts, ends):
             a, b = _data_split(pos_sorted[a0:b0], int(lab_sorted[a0]), old_ratio, rule, within, int(seed))

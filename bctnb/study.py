@@ -617,8 +617,8 @@ SWEEP_ADVBCT = ["advbct", "advbct:T=0.4", "advbct:p2s_weight=10", "advbct:normal
                 "advbct:p2s_weight=10,normalize_disc=true"]
 
 def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) -> list[Job]:
-    """The hyper-parameter sweep behind `reports/sweeps_<scale>`: NCCL's temperature (methods.md §2.7 asks for
-    τ ∈ {0.05, 0.1, 1}) over several seeds, and AdvBCT's boundary T and loss weights (§2.8)"""
+    """The hyper-parameter sweep behind `reports/sweeps_<scale>`: NCCL's temperature (τ ∈ {0.05, 0.1, 1},
+    as the NCCL paper tunes it) over several seeds, and AdvBCT's boundary T and loss weights"""
     sc = ["open-class", "extended-class"]
     jobs = plan_study(scale, sc, SWEEP_NCCL, seeds=nccl_seeds) + plan_study(scale, sc, SWEEP_ADVBCT, seeds=advbct_seeds)
     return list({j.id: j for j in jobs}.values())            # old models and independent runs are shared by both plans
