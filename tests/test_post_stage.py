@@ -93,7 +93,7 @@ def toy_post():
 
 
 def test_a_new_transformation_method_plugs_in_without_naming_it(toy_post, tmp_path):
-    from bctnb.evaluate import PROTOCOLS, evaluate_protocol, fit_post_stage
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage
     from bctnb.models import create_backbone
     from bctnb.study import default_methods, plan_study
     jobs = plan_study("smoke", ["open-class"], ["independent", "toy_post"])
