@@ -1,4 +1,4 @@
-"""Backward-compatible training methods behind one registry: every method is a small module with the same call signature, `method(batch) -> {"cls": …, "<term>": …}`.
+"""The method interface, the method registry and the plain methods (independent, l2, weakened_l2, bct).
 
 Docs: https://bctnb.github.io/bctnb/losses.html.md"""
 
@@ -6,18 +6,15 @@ Docs: https://bctnb.github.io/bctnb/losses.html.md"""
 
 # %% ../nbs/04_losses.ipynb #40f5cbf4
 from __future__ import annotations
-import contextlib, dataclasses, math
+import contextlib, dataclasses
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 # %% auto #0
-__all__ = ['METHODS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first', 'projection_methods',
-           'Method', 'get_method', 'available_methods', 'gallery_fn', 'gallery_transform_of', 'Independent',
-           'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'RBT', 'LCE', 'unibct_refresh_epochs', 'UniBCT',
-           'soft_contrastive', 'same_label_pairs', 'nccl_filter', 'NCCL', 'grad_reverse', 'AdvBCT', 'floor_frac',
-           'MixBCT', 'ract_loss', 'RACT', 'Contra', 'BCTRACT', 'FCTTransform', 'train_fct', 'save_fct', 'load_fct',
-           'FCT', 'methods_table']
+__all__ = ['METHOD_MODULES', 'METHODS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first',
+           'projection_methods', 'Method', 'get_method', 'available_methods', 'gallery_fn', 'gallery_transform_of',
+           'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'methods_table']
 
 # %% ../nbs/04_losses.ipynb #b3ba604c
 import numpy as np
@@ -25,11 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, check_range,
-                        make_generator, derive_seed, runs_home, load_json)
-from .models import head_logits, extract_features
-from .prototypes import (model_hash, split_hash, artefact, old_feature_pair, pick_flip, class_means, lce_centres,
-                              refine_prototypes, advbct_class_meta, credible_mask, save_artefact, load_artefact)
+from .core import ConfigError, NotFoundError, check, check_choice, check_range, runs_home, load_json
+from .data import LazyRegistry
+from .models import head_logits
+from .prototypes import model_hash, split_hash, artefact, old_feature_pair, pick_flip, class_means
 
 # %% ../nbs/04_losses.ipynb #7ee53170
 @dataclass
@@ -89,9 +85,11 @@ def inference_copy(module: nn.Module) -> nn.Module:
     import copy, warnings
     from torch.fx.experimental.optimization import fuse
     src = freeze(module)
-    cl = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in src.parameters())
+    cl = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+             for p in src.parameters())
     try: out = fuse(src, inplace=False)
-    except Exception as e:                               # tracing fails on data-dependent control flow: same function, unfolded
+    # tracing fails on data-dependent control flow: same function, unfolded
+    except Exception as e:
         warnings.warn(f"inference_copy: {type(src).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
                       "the old model's online forward runs without BatchNorm folding (same result, slower)")
         out = copy.deepcopy(src)
@@ -144,7 +142,8 @@ class Method(nn.Module):
         self._old = {}            # frozen old model pieces, kept OUT of the module tree (not in parameters() / DDP)
         self._pair = None         # cached N×2×d old-feature flip pair (when used)
         self.source = None        # resolved old-feature source
-        self.stats = {}           # detached scalar diagnostics set by forward (logged as stat_<name>; never part of the loss)
+        # detached scalar diagnostics set by forward (logged as stat_<name>; never part of the loss)
+        self.stats = {}
         if "old_source" in self.hparams: check_choice("old_source", self.old_source, ["auto", "cached", "online"])
         self.validate()
 
@@ -288,7 +287,8 @@ class Method(nn.Module):
             raise ConfigError(f"method '{self.name}' was not set up with an old model; call method.setup(ctx) first")
         x = batch.images if rows is None else batch.images[rows]
         prec = self._old.get("precision")
-        if "fast" not in self._old: self._old["fast"] = inference_copy(self._old["backbone"])   # BN folded, made on first use
+        # BN folded, made on first use
+        if "fast" not in self._old: self._old["fast"] = inference_copy(self._old["backbone"])
         with torch.no_grad(), (prec.side_autocast() if prec is not None else contextlib.nullcontext()):
             return self._old["fast"](x).float().detach()
 
@@ -303,7 +303,12 @@ class Method(nn.Module):
     def extra_repr(self): return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
 
 # %% ../nbs/04_losses.ipynb #b333680a
-METHODS = Registry("method")
+METHOD_MODULES = {   # method name -> the later module that registers it (imported on first lookup; see above)
+    **dict.fromkeys(("lce", "unibct", "nccl", "advbct", "mixbct", "ract", "contra", "bct_ract", "fct"),
+                    "bctnb.methods"),
+}
+
+METHODS = LazyRegistry("method", METHOD_MODULES)
 
 def get_method(name: str, **hparams) -> Method:
     "Build the method registered as `name` with `hparams` (unknown name or hyper-parameter -> ConfigError)"
@@ -352,7 +357,8 @@ class WeakenedL2(Method):
     defaults = dict(lam=10.0, tau=0.2, old_source="auto")
     def validate(self): check_range("lam", self.lam, 0); check_range("tau", self.tau, 0, 2)
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"cls": self.cls_loss(batch), "l2": self.lam * weakened_l2_loss(batch.feats, self.old_feats(batch), self.tau)}
+        return {"cls": self.cls_loss(batch),
+                "l2": self.lam * weakened_l2_loss(batch.feats, self.old_feats(batch), self.tau)}
 
 @METHODS.register()
 class L2(WeakenedL2):
@@ -367,15 +373,19 @@ class BCT(Method):
     "L = L_cls + λ·CE(H_old(f; [W_old ; synthesized rows]), y_infl): the old head classifies the new features"
     name = "bct"; needs_old = True; old_features = None
     defaults = dict(lam=1.0, keep_old_rows=True, synth_norm="match_median")
-    def validate(self): check_range("lam", self.lam, 0); check_choice("synth_norm", self.synth_norm, ["match_median", "raw"])
+    def validate(self):
+        check_range("lam", self.lam, 0); check_choice("synth_norm", self.synth_norm, ["match_median", "raw"])
 
     def setup(self, ctx: MethodContext):
         super().setup(ctx)
         oh = ctx.old_head
-        if oh is None: raise ConfigError("bct needs the old model's head (its classifier), but the old run has none. Use an old run "
-                                         "trained with a head (train_old saves it), or a method without the old head: unibct, l2, mixbct.")
+        if oh is None: raise ConfigError("bct needs the old model's head (its classifier), but the old run has none. "
+                                         "Use an old run "
+                                         "trained with a head (train_old saves it), or a method without the old head: "
+                                         "unibct, l2, mixbct.")
         lm = (ctx.old_info or {}).get("label_map")
-        if lm is None: raise ConfigError("bct needs the old head's label_map (global label of each old row) to match classes; "
+        if lm is None: raise ConfigError("bct needs the old head's label_map (global label of each old row) to match "
+                                         "classes; "
                                          "re-save the old model with bctnb.models.save_model(..., label_map=...).")
         lm = np.asarray(lm, dtype=np.int64)
         glob = np.asarray(ctx.train_set.labels, dtype=np.int64)
@@ -410,451 +420,6 @@ class BCT(Method):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         logits, y = self.influence_logits(batch.feats, batch.global_labels)
         return {"cls": self.cls_loss(batch), "bct": self.lam * F.cross_entropy(logits, y)}
-
-# %% ../nbs/04_losses.ipynb #e21a3fea
-class RBT(nn.Module):
-    "Residual bottleneck transformation: identity (or a linear map when d_in ≠ d_out) + 4 parallel Linear–BN–PReLU paths"
-    def __init__(self, d_in: int, d_out: int, width: int = 16, paths: int = 4):
-        super().__init__()
-        blk = lambda i, o: [nn.Linear(i, o), nn.BatchNorm1d(o), nn.PReLU()]
-        self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
-        self.paths = nn.ModuleList([nn.Sequential(*blk(d_in, width), *blk(width, width), *blk(width, d_out)) for _ in range(paths)])
-    def forward(self, x): return self.skip(x) + sum(p(x) for p in self.paths)
-
-@METHODS.register()
-class LCE(Method):
-    "L = L_cls + λ_a·MSE(ŵ_n, c) + λ_b·mean_i max(0, b_{y_i} − f̂_i·c_{y_i})"
-    name = "lce"; needs_old = True; old_features = None
-    defaults = dict(lam_align=100.0, lam_bound=1.0, use_trans=False)
-    def validate(self): self.equal_dims = not self.use_trans        # with the transformations, dims may differ
-
-    def setup(self, ctx: MethodContext):
-        super().setup(ctx)
-        C = ctx.new_head.weight.shape[0]; y = self.split_labels(ctx)
-        check(int(y.max()) + 1 == C, f"lce: the new head has {C} rows but the training split has {int(y.max()) + 1} classes")
-        art = self.artefact(ctx, "lce", lambda: lce_centres(self.old_pair(ctx).cpu(), y, classes=np.arange(C)))
-        self.center, self.boundary = art["center"].to(self._ctx_device), art["boundary_cos"].to(self._ctx_device)
-        if self.use_trans:
-            d_o, d_n = self.center.shape[1], ctx.new_head.weight.shape[1]
-            self.psi_f, self.psi_b = RBT(d_o, d_n).to(self._ctx_device), RBT(d_n, d_o).to(self._ctx_device)
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        w = F.normalize(batch.head.weight.float(), dim=1); f = batch.feats.float(); c, y = self.center, batch.labels
-        if self.use_trans:
-            align = 0.5 * (F.mse_loss(w, F.normalize(self.psi_f(c), dim=1)) + F.mse_loss(F.normalize(self.psi_b(w), dim=1), c))
-            f = self.psi_b(f)
-        else: align = F.mse_loss(w, c)
-        bound = F.relu(self.boundary[y] - (F.normalize(f, dim=1) * c[y]).sum(1)).mean()
-        return {"cls": self.cls_loss(batch), "align": self.lam_align * align, "bound": self.lam_bound * bound}
-
-# %% ../nbs/04_losses.ipynb #5c10245b
-def unibct_refresh_epochs(epochs: int, base=(10, 20), base_epochs: int = 35) -> list[int]:
-    "MX's refresh epochs {10, 20} of 35, scaled to a run of `epochs` epochs (each in [min(1, E−1), E−1])"
-    lo = min(1, epochs - 1)
-    return sorted({min(epochs - 1, max(lo, round(e * epochs / base_epochs))) for e in base})
-
-@METHODS.register()
-class UniBCT(Method):
-    "L = L_cls + w·1[e ≥ e₀]·CE(H(f; P_refined), y), P refreshed from the new model's neighbourhood graph"
-    name = "unibct"; needs_old = True; old_features = None
-    defaults = dict(tau_g=0.05, lam_g=0.9, refresh_epochs=None, e0=None, weight=1.0, steps=None, max_vertices=4096, batch_size=256)
-    def validate(self):
-        check_range("tau_g", self.tau_g, 0, lo_open=True); check_range("lam_g", self.lam_g, 0, 1, hi_open=True)
-        check_range("weight", self.weight, 0)
-
-    def setup(self, ctx: MethodContext):
-        super().setup(ctx)
-        self.C = ctx.new_head.weight.shape[0]; self.y_train = self.split_labels(ctx)
-        self.refresh = sorted(int(e) for e in (self.refresh_epochs if self.refresh_epochs is not None else unibct_refresh_epochs(ctx.epochs)))
-        self.start = int(self.e0) if self.e0 is not None else (self.refresh[0] if self.refresh else 0)
-        check(not self.refresh or self.start >= self.refresh[0] or self.e0 is None,
-              f"unibct: e0={self.e0} is before the first refresh epoch {self.refresh[0]}; the unrefined prototypes would enter the loss. Set e0 >= {self.refresh[0]}.")
-        self.old_pair(ctx)
-        self.register_buffer("P", torch.zeros(self.C, ctx.new_head.weight.shape[1], device=self._ctx_device), persistent=True)
-        self.refreshed = None; self.eff = None
-
-    def get_extra_state(self): return {"refreshed": getattr(self, "refreshed", None)}      # checkpointed with the buffer P
-    def set_extra_state(self, state): self.refreshed = state["refreshed"]
-
-    def on_epoch_start(self, epoch: int, ctx: MethodContext):
-        if epoch in self.refresh or (epoch >= self.start and self.refreshed is None): self.refresh_prototypes(ctx, epoch)
-
-    def refresh_prototypes(self, ctx: MethodContext, epoch: int = -1):
-        "Recompute P from the current new model (rank 0) and broadcast it"
-        d = _dist()
-        if d is None or d.get_rank() == 0:
-            new = extract_features(ctx.new_backbone, ctx.train_set, batch_size=self.batch_size, flip="none", precision=ctx.precision)
-            P, _, eff = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=self.tau_g, lam=self.lam_g, steps=self.steps,
-                                          max_vertices=self.max_vertices, classes=np.arange(self.C))
-            self.P = P.to(device=self.P.device, dtype=self.P.dtype); self.eff = eff
-            e = eff[torch.isfinite(eff)]
-            if len(e): print(f"[unibct] epoch {epoch}: refreshed {self.C} prototypes; effective vertices per class (1/Σπ²): "
-                             f"median {e.median().item():.2f}, min {e.min().item():.2f}", flush=True)
-        if d is not None: d.broadcast(self.P, 0)
-        self.refreshed = epoch
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        out = {"cls": self.cls_loss(batch)}
-        if batch.epoch >= self.start and self.refreshed is not None:
-            h = batch.head
-            logits = head_logits(h.kind, batch.feats, self.P, batch.labels, s=h.s, m=h.m)
-            out["unibct"] = self.weight * F.cross_entropy(logits, batch.labels)
-        else: out["unibct"] = batch.feats.new_zeros(())
-        return out
-
-# %% ../nbs/04_losses.ipynb #fb217a5d
-def soft_contrastive(sim: Tensor, pos: Tensor, w: Tensor, tau: float = 1.0) -> Tensor:
-    "−mean_i (1/|M_i|) Σ_{j∈M_i} w_ij log softmax_j(sim_i/τ) over the given (valid) columns; pos: bool b×K"
-    rows, cols = pos.nonzero(as_tuple=True)
-    return _ConsensusNLL.apply(sim, rows, cols, w[rows, cols].float(), tau).mean()
-
-def same_label_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of every pair with a[i] == b[j], in row-major order — what `(a[:, None] == b[None]).nonzero()`
-    returns — from a stable sort of `b`: O(K log K + pairs) instead of a len(a) × K comparison and scan"""
-    sb, order = torch.sort(b, stable=True)
-    lo, hi = torch.searchsorted(sb, a), torch.searchsorted(sb, a, right=True)
-    cnt = hi - lo
-    rows = torch.repeat_interleave(torch.arange(len(a), device=a.device), cnt)
-    first = torch.repeat_interleave(lo - (cnt.cumsum(0) - cnt), cnt)        # where each row's run starts in `sb`
-    return rows, order[first + torch.arange(len(rows), device=a.device)]
-
-class _ConsensusNLL(torch.autograd.Function):
-    """Row-wise −(1/n_i)(Σ_{j∈M_i} w_ij s_ij − (Σ_{j∈M_i} w_ij)·logsumexp_j s_ij), s = sim/τ, in fp32. The positives
-    (rows, cols, w) are sparse (≈ K/C per anchor), so the weighted sum is a gather; the backward is
-    ∂/∂s = (softmax·Σw − w·1[M])/n — a few passes over the b×K similarities instead of autograd's dozen."""
-    @staticmethod
-    def forward(ctx, sim, rows, cols, w, tau):
-        b, dev = sim.shape[0], sim.device
-        m = sim.amax(1, keepdim=True).float()
-        e = torch.sub(sim, m)                                   # fp32 even for a bf16/fp16 `sim` (type promotion)
-        if tau != 1.0: e.mul_(1.0 / tau)
-        e = e.exp_(); se = e.sum(1)
-        lse = m.squeeze(1) / tau + se.log()
-        wsum = torch.zeros(b, device=dev).index_add_(0, rows, w)
-        n = torch.bincount(rows, minlength=b).clamp(min=1).float()
-        dot = torch.zeros(b, device=dev).index_add_(0, rows, w * sim[rows, cols].float() / tau)
-        ctx.save_for_backward(e, se, rows, cols, w, wsum, n); ctx.tau, ctx.dtype = tau, sim.dtype
-        return -(dot - wsum * lse) / n
-
-    @staticmethod
-    def backward(ctx, g):
-        e, se, rows, cols, w, wsum, n = ctx.saved_tensors
-        c = g / (n * ctx.tau)
-        grad = e * (c * wsum / se)[:, None]
-        grad.index_put_((rows, cols), -(w * c[rows]), accumulate=True)
-        return grad.to(ctx.dtype), None, None, None, None
-
-def nccl_filter(feats: Tensor, labels: Tensor) -> Tensor:
-    "Credible old embeddings: entropy of p_c ∝ exp(−‖ô − μ_c‖/v) at most ln(C)/2 (v: variance of within-class centroid distances)"
-    x = F.normalize(feats.float(), dim=1); mu, cls = class_means(x, labels, normalize=False)
-    row = torch.searchsorted(cls, labels)
-    own = (x - mu[row]).norm(dim=1); v = own.var().clamp(min=1e-6)
-    H = torch.empty(len(x)); blk = max(1, (1 << 24) // len(cls))          # N×C in blocks of ≈ 64 MB
-    for i in range(0, len(x), blk):
-        logp = torch.log_softmax(-torch.cdist(x[i:i + blk], mu) / v, dim=1)
-        H[i:i + blk] = -(logp.exp() * logp).sum(1)
-    return H <= math.log(len(cls)) / 2
-
-@METHODS.register()
-class NCCL(Method):
-    "L = L_cls + α·L_emb(f̂ vs queue of ô) + β·L_disc(z^n vs queue of z^o), consensus-weighted soft positives"
-    name = "nccl"; needs_old = True; old_features = "online"
-    defaults = dict(K=8192, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False, disc_logits="norm",
-                    queue_dtype="auto", old_source="auto")
-    def validate(self):
-        check(isinstance(self.K, int) and self.K >= 1, f"K={self.K!r} must be a positive integer (queue capacity)")
-        check_range("tau", self.tau, 0, lo_open=True); check_choice("positives", self.positives, ["class", "topk"])
-        check_choice("disc_logits", self.disc_logits, ["norm", "mx"]); check_choice("queue_dtype", self.queue_dtype, ["auto", "float32", "float16", "bfloat16"])
-
-    def setup(self, ctx: MethodContext):
-        super().setup(ctx)
-        C, d_n = ctx.new_head.weight.shape; d_o = self.dims[0] or d_n
-        dev = self._ctx_device
-        side = getattr(ctx.precision, "side_dtype", None)
-        dt = (side or torch.float32) if self.queue_dtype == "auto" else getattr(torch, self.queue_dtype)
-        for k, v in dict(q=torch.zeros(self.K, int(d_o), device=dev, dtype=dt), z=torch.zeros(self.K, C, device=dev, dtype=dt),
-                         ql=torch.full((self.K,), -1, dtype=torch.int64, device=dev),
-                         valid=torch.zeros(self.K, dtype=torch.bool, device=dev)).items():
-            self.register_buffer(k, v, persistent=True)                # training state: in the trainer's checkpoint
-        self.ptr = 0
-        self.cred = None
-        if self.filter:
-            cred = self.artefact(ctx, "nccl_filter", lambda: {"credible": nccl_filter(self.old_pair(ctx)[:, 0].cpu(), self.split_labels(ctx))})
-            self.cred = cred["credible"].to(dev)
-
-    def get_extra_state(self): return {"ptr": int(getattr(self, "ptr", 0))}     # the queue's write pointer, with its buffers
-    def set_extra_state(self, state): self.ptr = int(state["ptr"])
-
-    def _logits(self, head, x: Tensor, labels: Tensor) -> Tensor:
-        if self.disc_logits == "mx": return head(x, labels).float().clamp(-1, 1)
-        return F.normalize(F.linear(F.normalize(x.float(), dim=1), F.normalize(head.weight.float(), dim=1)), dim=1)
-
-    @torch.no_grad()
-    def push(self, q: Tensor, z: Tensor, labels: Tensor):
-        "Write a (global) batch into the FIFO queue; the last K rows win when the batch is larger than K"
-        q, z, labels = q[-self.K:], z[-self.K:], labels[-self.K:]
-        idx = (self.ptr + torch.arange(len(q), device=q.device)) % self.K
-        self.q[idx] = q.to(self.q); self.z[idx] = z.to(self.z); self.ql[idx] = labels.to(self.ql); self.valid[idx] = True
-        self.ptr = int((self.ptr + len(q)) % self.K)
-
-    def terms(self, f: Tensor, o_hat: Tensor, zn: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        "(L_emb, L_disc) of local anchors against the valid queue slots"
-        n = int(self.valid.sum())
-        if bool(self.valid[:n].all()): q, z, ql = self.q[:n], self.z[:n], self.ql[:n]   # valid slots are a prefix: views, no copy
-        else: v = self.valid.nonzero().squeeze(1); q, z, ql = self.q[v], self.z[v], self.ql[v]
-        prec = self._old.get("precision")
-        amp = prec.side_autocast if prec is not None else contextlib.nullcontext
-        if prec is None or prec.side_dtype is None: q, z = q.float(), z.float()
-        with torch.no_grad():
-            if self.positives == "topk":
-                pos = labels[:, None] == ql[None, :]
-                with amp(): oq = (o_hat @ q.T).float()
-                k = min(int(self.k_pos), oq.shape[1])
-                pos = pos & torch.zeros_like(pos).scatter_(1, oq.masked_fill(~pos, float("-inf")).topk(k, dim=1).indices, True)
-                rows, cols = pos.nonzero(as_tuple=True)
-            else: rows, cols = same_label_pairs(labels, ql)        # the positives: ≈ K/C per anchor
-            w = (1 + (o_hat[rows].float() * q[cols].float()).sum(1)) / 2       # consensus weights w_ij = (1 + ô_i·q_j)/2
-        with amp():                                              # the two big matmuls: side dtype (Precision.side_dtype)
-            s_emb, s_disc = F.normalize(f.float(), dim=1) @ q.T, zn @ z.T
-        return tuple(_ConsensusNLL.apply(x, rows, cols, w, float(self.tau)).mean() for x in (s_emb, s_disc))
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        o_hat = F.normalize(self.old_feats(batch), dim=1)
-        with torch.no_grad(): zo = self._logits(batch.head, o_hat, batch.labels)
-        keep = torch.ones(len(o_hat), dtype=torch.bool, device=o_hat.device) if self.cred is None else self.cred[batch.index.to(self.cred.device)].to(o_hat.device)
-        k_all = gather(keep.to(torch.uint8)).bool()
-        self.push(gather(o_hat)[k_all], gather(zo)[k_all], gather(batch.labels)[k_all])
-        zn = self._logits(batch.head, batch.feats, batch.labels)
-        emb, disc = self.terms(batch.feats, o_hat, zn, batch.labels)
-        return {"cls": self.cls_loss(batch), "emb": self.alpha * emb, "disc": self.beta * disc}
-
-# %% ../nbs/04_losses.ipynb #e9db9f0e
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, alpha): ctx.alpha = alpha; return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return -ctx.alpha * g, None
-
-def grad_reverse(x: Tensor, alpha: float) -> Tensor:
-    "Identity forward, gradient × (−alpha) backward"
-    return _GradReverse.apply(x, alpha)
-
-@METHODS.register()
-class AdvBCT(Method):
-    "L = L_cls + L_p2s(elastic boundary around old class centres) + (E−e+1)/E·L_adv(discriminator with GRL)"
-    name = "advbct"; needs_old = True; old_features = "online"
-    defaults = dict(T=1.0, hidden=100, normalize_disc=False, p2s_weight=1.0, adv_weight=1.0, old_source="auto")
-    def validate(self):
-        check_range("T", self.T, 0, lo_open=True)
-        for k in ("p2s_weight", "adv_weight"): check_range(k, getattr(self, k), 0)
-
-    def setup(self, ctx: MethodContext):
-        super().setup(ctx)
-        C, d = ctx.new_head.weight.shape; y = self.split_labels(ctx)
-        meta = self.artefact(ctx, "advbct_meta", lambda: advbct_class_meta(self.old_pair(ctx)[:, 0].cpu(), y, classes=np.arange(C)))
-        dev = self._ctx_device
-        self.center, self.rmax, self.eligible = meta["center"].to(dev), meta["radius_max"].to(dev), meta["eligible"].to(dev)
-        with torch.random.fork_rng(devices=[]):                 # seeded init without touching the trainer's global RNG
-            torch.manual_seed(derive_seed(int(ctx.seed), "advbct"))
-            self.w = nn.Parameter((torch.rand(C) * 2 - 1).to(dev))
-            self.disc = nn.Sequential(nn.Linear(d, self.hidden), nn.BatchNorm1d(self.hidden), nn.ReLU(),
-                                      nn.Linear(self.hidden, 2), nn.LogSoftmax(dim=1)).to(dev)
-
-    def radius(self, y: Tensor) -> Tensor:
-        R = self.rmax[y]; delta = (R - self.T).abs(); s = torch.sigmoid(self.w[y])
-        return torch.where(R < self.T, R + delta * s, R - delta * s)
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        f, y = batch.feats.float(), batch.labels
-        dist = (F.normalize(f, dim=1) - self.center[y]).norm(dim=1)
-        gap = dist - self.radius(y)
-        viol = (self.eligible[y] & (gap > 0)).float()
-        p2s = (gap * viol).sum() / viol.sum().clamp(min=1)
-        p = min(1.0, batch.step / max(1, batch.epochs * batch.steps_per_epoch))
-        alpha = 2.0 / (1.0 + math.exp(-10 * p)) - 1.0
-        o = self.old_feats(batch)
-        fn, on = (F.normalize(f, dim=1), F.normalize(o, dim=1)) if self.normalize_disc else (f, o)
-        d_new, d_old = self.disc(grad_reverse(fn, alpha)), self.disc(on)
-        adv = F.nll_loss(d_new, torch.zeros_like(y)) + F.nll_loss(d_old, torch.ones_like(y))
-        wt = (batch.epochs - batch.epoch + 1) / batch.epochs
-        self.stats = {"outside_ball": viol.mean().detach(),          # share of the batch outside its class ball
-                      "disc_acc": 0.5 * (d_new.detach().argmax(1).eq(0).float().mean() + d_old.detach().argmax(1).eq(1).float().mean())}
-        return {"cls": self.cls_loss(batch), "p2s": self.p2s_weight * p2s, "adv": self.adv_weight * wt * adv}
-
-# %% ../nbs/04_losses.ipynb #9da0ec7d
-def floor_frac(alpha: float, b: int) -> int:
-    "⌊α·b⌋ exactly (α as a decimal fraction): 0.3·10 = 3, not 2.9999…"
-    from fractions import Fraction
-    a = Fraction(str(alpha)).limit_denominator(10**6)
-    return int(a.numerator * b // a.denominator)
-
-@METHODS.register()
-class MixBCT(Method):
-    "L = CE(H(z), y) on a batch whose min(⌊αb⌋, |credible|) random credible rows are replaced by their old features"
-    name = "mixbct"; needs_old = True; old_features = "online"
-    defaults = dict(alpha=0.3, T=0.9, mode="replace", column_norm=False, old_source="auto")
-    def validate(self):
-        check_range("alpha", self.alpha, 0, 1); check_range("T", self.T, 0, 1, lo_open=True)
-        check_choice("mode", self.mode, ["replace", "append"])
-
-    def setup(self, ctx: MethodContext):
-        super().setup(ctx)
-        y = torch.as_tensor(np.asarray(ctx.train_set.labels))
-        art = self.artefact(ctx, "credible", lambda: {"credible": credible_mask(self.old_pair(ctx)[:, 0].cpu(), y, self.T, self.column_norm)},
-                            T=self.T, column_norm=self.column_norm)
-        self.credible = art["credible"].to(self._ctx_device)
-        self.seed, self.rank = int(ctx.seed), int(ctx.rank)
-        self.last_rows = None
-
-    def choose(self, batch: Batch) -> Tensor:
-        "Batch positions to replace: min(⌊αb⌋, |S|) credible rows, seeded by (seed, rank, step)"
-        S = self.credible[batch.index.to(self.credible.device)].nonzero().squeeze(1).cpu()
-        k = min(floor_frac(self.alpha, len(batch.labels)), len(S))
-        g = make_generator(self.seed, "mixbct", self.rank, int(batch.step))
-        return S[torch.randperm(len(S), generator=g)[:k]].sort().values.to(batch.feats.device)
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        rows = self.choose(batch); self.last_rows = rows
-        o = F.normalize(self.old_feats(batch, rows), dim=1).to(batch.feats.dtype)
-        y = batch.labels
-        if self.mode == "replace":
-            z = batch.feats.index_put((rows,), o)
-        else:
-            z = torch.cat([batch.feats, o]); y = torch.cat([y, y[rows]])
-        return {"cls": F.cross_entropy(batch.head(z, y).float(), y)}
-
-# %% ../nbs/04_losses.ipynb #afa98699
-def ract_loss(f: Tensor, o_all: Tensor, f_all: Tensor | None, y: Tensor, y_all: Tensor, offset: int, tau: float = 0.01,
-              topk: int = 10) -> Tensor:
-    "mean_i −log softmax([p_i, topk N^o_i, topk N^n_i]/τ)[0]; f: local b×d unit rows; *_all: global rows; no N^n if f_all is None"
-    b = len(f); gi = offset + torch.arange(b, device=f.device)
-    pos = (f * o_all[gi]).sum(1, keepdim=True)
-    same = y[:, None] == y_all[None, :]
-    def neg(sim):
-        sim = sim.masked_fill(same, float("-inf"))
-        return sim if topk <= 0 or topk >= sim.shape[1] else sim.topk(topk, dim=1).values
-    parts = [pos, neg(f @ o_all.T)] + ([] if f_all is None else [neg(f @ f_all.T)])
-    logits = torch.cat(parts, 1).float() / tau
-    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
-
-@METHODS.register()
-class RACT(Method):
-    "L = L_cls + λ·mean_i −log(e^{p/τ} / (e^{p/τ} + Σ topk n2o + Σ topk n2n))"
-    name = "ract"; needs_old = True; old_features = "online"
-    defaults = dict(lam=1.0, tau=0.01, topk=10, n2n_grad=False, old_source="auto")
-    n2n: ClassVar[bool] = True
-    def validate(self): check_range("tau", self.tau, 0, lo_open=True); check_range("lam", self.lam, 0)
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        f = F.normalize(batch.feats.float(), dim=1); o = F.normalize(self.old_feats(batch), dim=1)
-        d = _dist(); offset = 0 if d is None else d.get_rank() * len(f)
-        o_all, y_all = gather(o), gather(batch.labels)
-        f_all = None
-        if self.n2n:
-            f_all = gather(f)
-            if self.n2n_grad: f_all = torch.cat([f_all[:offset], f, f_all[offset + len(f):]])
-        loss = ract_loss(f, o_all, f_all, batch.labels, y_all, offset, self.tau, self.topk)
-        return {"cls": self.cls_loss(batch), self.name: self.lam * loss}
-
-@METHODS.register()
-class Contra(RACT):
-    "L = L_cls + λ·mean_i −log(e^{p/τ} / (e^{p/τ} + Σ topk n2o)): RACT without new-to-new negatives"
-    name = "contra"; n2n = False
-    defaults = dict(lam=1.0, tau=0.01, topk=10, old_source="auto")
-
-# %% ../nbs/04_losses.ipynb #986ac96d
-@METHODS.register()
-class BCTRACT(BCT):
-    "L = L_cls + λ·CE([s·cos(f, W_infl) ; s·cos(f, W_new), own class masked], y_infl): closer to the old centre than to any other centre"
-    name = "bct_ract"
-    defaults = dict(lam=1.0, keep_old_rows=True, synth_norm="match_median", s=None)
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        s = float(self.hparams["s"] or getattr(batch.head, "s", 1.0))
-        y = self.lookup[batch.global_labels.to(self.lookup.device)].to(batch.feats.device)
-        f = F.normalize(batch.feats.float(), dim=1)
-        old = f @ F.normalize(self.W_infl, dim=1).T
-        new = (f @ F.normalize(batch.head.weight.float(), dim=1).T).scatter(1, batch.labels[:, None], float("-inf"))
-        loss = F.cross_entropy(s * torch.cat([old, new], 1), y)
-        return {"cls": self.cls_loss(batch), "bct_ract": self.lam * loss}
-
-# %% ../nbs/04_losses.ipynb #d3d24096
-def _lbr(i, o): return [nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU()]
-
-class FCTTransform(nn.Module):
-    "h(o, s) → new space: two Linear–BN–ReLU branches, concatenated, a 2-layer MLP and a linear output"
-    def __init__(self, d_old: int, d_new: int, d_side: int | None = None, inner: int = 2048):
-        super().__init__()
-        self.config = {"d_old": int(d_old), "d_new": int(d_new), "d_side": None if d_side is None else int(d_side), "inner": int(inner)}
-        ds = d_old if d_side is None else d_side
-        self.branch_old = nn.Sequential(*_lbr(d_old, 2 * d_old), *_lbr(2 * d_old, 2 * d_new))
-        self.branch_side = nn.Sequential(*_lbr(ds, 2 * ds), *_lbr(2 * ds, 2 * d_new))
-        self.mlp = nn.Sequential(*_lbr(4 * d_new, inner), *_lbr(inner, inner), nn.Linear(inner, d_new))
-
-    def forward(self, old: Tensor, side: Tensor | None = None) -> Tensor:
-        if side is None:
-            check(self.config["d_side"] is None, "this FCT transformation was trained with side information; pass side=...")
-            side = old
-        return self.mlp(torch.cat([self.branch_old(old), self.branch_side(side)], 1))
-
-def _set_bn_eval(m: nn.Module):
-    for x in m.modules():
-        if isinstance(x, nn.modules.batchnorm._BatchNorm): x.eval()
-
-def train_fct(old: Tensor, new: Tensor, side: Tensor | None = None, epochs: int = 80, batch_size: int = 1024, lr: float = 5e-4,
-              wd: float = 3.05e-5, warmup: int = 5, inner: int = 2048, seed: int = 0, device="cpu", log=None) -> FCTTransform:
-    "Fit h(old[, side]) ≈ new (MSE) on paired features of the new training set; returns h in eval mode"
-    old, new = torch.as_tensor(old).float(), torch.as_tensor(new).float()
-    check(len(old) == len(new) and (side is None or len(side) == len(old)), "train_fct: old, new (and side) must hold the same images, row for row")
-    check(isinstance(epochs, int) and epochs >= 1, f"epochs={epochs!r} must be a positive integer")
-    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    h = FCTTransform(old.shape[1], new.shape[1], None if side is None else side.shape[1], inner).to(device)
-    opt = torch.optim.Adam(h.parameters(), lr=lr, weight_decay=wd)
-    n = len(old); bs = min(batch_size, n); steps = max(1, n // bs); total = epochs * steps; wu = min(warmup, epochs) * steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / max(1, wu) if t < wu else
-                                              0.5 * (1 + math.cos(math.pi * (t - wu) / max(1, total - wu))))
-    for e in range(epochs):
-        h.train()
-        if e >= epochs / 2: _set_bn_eval(h)
-        perm = torch.randperm(n, generator=g)
-        for s in range(steps):
-            i = perm[s * bs:(s + 1) * bs]
-            if len(i) < 2: continue
-            pred = h(old[i].to(device), None if side is None else side[i].to(device))
-            loss = F.mse_loss(pred, new[i].to(device))
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-        if log is not None: log(epoch=e, loss=float(loss))
-    return h.eval()
-
-def save_fct(path, h: FCTTransform) -> Path:
-    "Save an FCT transformation as `path` (safetensors) + `path.json` (its config)"
-    save_artefact(path, h.state_dict(), {"kind": "fct_transform", "config": h.config})
-    return Path(path)
-
-def load_fct(path) -> FCTTransform:
-    "Load an FCT transformation saved by `save_fct` (sha256-checked, no pickle)"
-    sd, side = load_artefact(path)
-    if side.get("kind") != "fct_transform": raise IntegrityError(f"{path} is not an FCT transformation (kind={side.get('kind')!r}); pass a file written by save_fct")
-    h = FCTTransform(**side["config"]); h.load_state_dict(sd, strict=True)
-    return h.eval()
-
-@METHODS.register()
-class FCT(Independent):
-    """FCT: the new model trains unconstrained, L = CE(H(f), y) (the run `independent` trains); its post stage fits
-    h(φ_o) ≈ φ_n (`train_fct`) on the new training set and the gallery becomes h(φ_o(g))"""
-    name = "fct"; needs_old = True; equal_dims = False; old_features = None
-    trains_as = "independent"
-    post_epochs = {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}
-
-    @classmethod
-    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0) -> FCTTransform:
-        return train_fct(old_feats, new_feats, epochs=epochs, seed=seed)
-
-    @classmethod
-    def save_gallery_transform(cls, path, h: FCTTransform) -> Path: return save_fct(path, h)
-
-    @classmethod
-    def load_gallery_transform(cls, path) -> FCTTransform: return load_fct(path)
 
 # %% ../nbs/04_losses.ipynb #cdf9c4af
 def methods_table():

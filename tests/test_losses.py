@@ -11,8 +11,8 @@ import torch.nn.functional as F
 os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
 from bctnb.core import ConfigError, IntegrityError, NotFoundError
 from bctnb.data import ArrayDataset, BatchAugment, normalize
-from bctnb.losses import (Batch, MethodContext, Method, METHODS, available_methods, get_method, weakened_l2_loss,
-                          ract_loss, floor_frac)
+from bctnb.losses import (Batch, MethodContext, Method, METHODS, available_methods, get_method, weakened_l2_loss)
+from bctnb.methods import ract_loss, floor_frac
 from bctnb.train import new_run_config
 from bctnb.models import Head, create_backbone
 from bctnb.prototypes import (artefact, load_artefact, refine_prototypes, class_means, credible_mask, keep_count)
@@ -310,7 +310,8 @@ _TWO_RANKS = r'''
 import os, sys, torch, torch.nn.functional as F, torch.distributed as dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-from bctnb.losses import get_method, ract_loss, gather
+from bctnb.losses import get_method, gather
+from bctnb.methods import ract_loss
 g = torch.Generator().manual_seed(0)
 o = F.normalize(torch.randn(16, 8, generator=g), dim=1); f = torch.randn(16, 8, generator=g); y = torch.arange(16) % 4
 W = F.normalize(torch.randn(4, 8, generator=g), dim=1)
@@ -332,7 +333,7 @@ dist.destroy_process_group(); os._exit(0)
 @pytest.mark.slow
 def test_nccl_and_ract_same_value_on_two_ranks(tmp_path):
     """Same global batch: one process vs two gloo ranks (global queue, per-rank means averaged as DDP does)."""
-    from bctnb.losses import NCCL
+    from bctnb.methods import NCCL
     script = tmp_path / "two.py"; script.write_text(_TWO_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2", str(script)]
