@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup test check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
+.PHONY: setup test test-fast check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
 
 # Keyed on the *content* of pyproject.toml (nbdev-export rewrites the file, so its mtime is useless).
 setup:
@@ -28,9 +28,24 @@ setup:
 # torch is installed first, pinned: the local CPU wheel here (the CUDA build on a CUDA machine); a looser
 # requirement resolved later would otherwise pull a multi-GB CUDA build onto a CPU machine.
 
-## make test: sync checks, notebook tests, pytest.
+# pytest-xdist workers: one per core, at most 8 (each worker trains its own session-wide smoke old run, tests/conftest.py).
+# `--dist worksteal` rebalances the uneven tests (papermill/torchrun runs of 10-150 s next to sub-second unit tests).
+# Tests must not depend on running on the same worker as another test (xdist_group/--dist loadgroup is silently ignored
+# with pytest 9.2, pytest-xdist#1386). Nothing writes into the repository tree: every run, report and cache goes to a
+# tmp folder; torchrun launches use --standalone (a free port each).
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8 : n )))
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
+
+## make test: sync checks, notebook tests, pytest (all of it, slow tests included).
+## Timings (2 cores shared with two other jobs, load 4-7, 2026-12-05; README "Tests"): pytest -n 2 585-640 s wall,
+## ~400 CPU-s (≈ 200-250 s on 2 idle cores; it was ~490 s serial before); make test-fast 115 s wall, ~46 CPU-s;
+## nbdev-test 16 s.
 test: setup check-sync check-clean nbtest pytest
 	@echo "make test: all checks passed"
+
+## make test-fast: the inner loop, unit tests only (-m "not slow": no torchrun, no papermill), no sync/clean checks.
+test-fast: setup
+	$(PYTEST) -m "not slow"
 
 # (1) The package is generated from nbs/: nbdev-export must not change bctnb/.
 check-sync: setup
@@ -40,13 +55,14 @@ check-sync: setup
 check-clean: setup
 	@bash .ci/check_unchanged.sh nbs "nbdev-clean changed notebooks in nbs/: run nbdev-clean and commit the cleaned notebooks." -- $(BIN)/nbdev-clean
 
-# (3) Inline tests of the library notebooks (pipeline notebooks carry skip_exec and run under pytest).
+# (3) Inline tests of the library notebooks (pipeline notebooks carry skip_exec and run under pytest). Runs before
+# pytest, not beside it: both already use both cores, so running them together would only oversubscribe the CPU.
 nbtest: setup
 	$(BIN)/nbdev-test --n-workers 2 --timing
 
-# (4) pytest: unit tests, torchrun and papermill runs of the pipeline notebooks.
+# (4) pytest: unit tests, torchrun and papermill runs of the pipeline notebooks, in parallel (pytest-xdist).
 pytest: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 ## make reproduce: the CPU tier on the embedded emoji dataset, ending in a report under reports/.
 reproduce: setup

@@ -45,7 +45,10 @@ def emoji_home(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_emoji_builds_from_nothing_and_matches_its_card(emoji_home):
+def test_emoji_builds_from_nothing_matches_its_card_and_reuses_its_cache(emoji_home):
+    """One test, not two: the cache checks need the build, and under pytest-xdist two tests may run on different workers
+    (each with its own empty emoji_home, so the second would build the set again; xdist_group + --dist loadgroup is
+    silently ignored with pytest 9.2, pytest-xdist#1386)."""
     assert not (emoji_home / "emoji").exists()
     ds = load_dataset("emoji")                                   # default root: $BCTNB_DATA/emoji
     man = ds.manifest
@@ -56,7 +59,6 @@ def test_emoji_builds_from_nothing_and_matches_its_card(emoji_home):
     assert ds.num_classes >= 1000 and per_class.min() >= 5
     assert sorted(set(ds.meta["style"].tolist())) == sorted(EMOJI_STYLES)
     assert len(set(ds.keys)) == len(ds)
-    assert man["seconds"]["total"] - man["seconds"]["download"] < 90       # ~20 s on 2 idle cores; guards gross regressions
     # the card states exactly what was built
     card = _card_counts(ROOT / "data_cards" / "emoji.md")
     built = {"classes": ds.num_classes, "images": len(ds), "styles": len(EMOJI_STYLES),
@@ -67,13 +69,12 @@ def test_emoji_builds_from_nothing_and_matches_its_card(emoji_home):
     assert man["dropped"]["flag_classes"] > 200 and man["dropped"]["component_classes"] == 5
     assert all(len(p["sha256"]) == 64 and p["version"] for p in man["packages"].values())
 
-
-@pytest.mark.slow
-def test_emoji_cache_is_reused_and_verified(emoji_home):
-    ds = load_emoji()                                            # built by the test above (or now)
+    # the cache is reused (no rebuild) and verified (a corrupted file is refused)
     man_path = next((emoji_home / "emoji").glob("emoji-32px-*.json"))
     npz = man_path.with_suffix(".npz")
     mtime = npz.stat().st_mtime_ns
+    again = load_emoji()                                         # built above: read from the cache
+    assert npz.stat().st_mtime_ns == mtime and torch.equal(again.images, ds.images)
     again = load_emoji(build=False)                              # no rebuild: same file, same content
     assert npz.stat().st_mtime_ns == mtime and torch.equal(again.images, ds.images)
     data = bytearray(npz.read_bytes()); data[-100] ^= 0xFF
@@ -84,6 +85,9 @@ def test_emoji_cache_is_reused_and_verified(emoji_home):
             load_emoji(build=False)
     finally:
         npz.write_bytes(saved)
+
+    # last, so that a slow machine does not hide the checks above
+    assert man["seconds"]["total"] - man["seconds"]["download"] < 90       # ~20 s on 2 idle cores; guards gross regressions
 
 
 def test_emoji_without_npm_or_tarballs_says_what_to_install(tmp_path, monkeypatch):

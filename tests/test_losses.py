@@ -17,8 +17,13 @@ from bctnb.train import new_run_config
 from bctnb.models import Head, create_backbone
 from bctnb.prototypes import (artefact, load_artefact, refine_prototypes, class_means, credible_mask, keep_count)
 
-ALL = ["advbct", "bct", "bct_ract", "contra", "fct", "independent", "l2", "lce", "mixbct", "nccl", "ract", "unibct", "weakened_l2"]
-DATA = dict(dataset="synthetic", dataset_kw=dict(num_classes=40, per_class=6))
+from shared import methods
+
+ALL = methods()                           # every registered method: a new one is tested without editing this file
+# The one place that pins the registry's contents: a method dropping out of the registry would otherwise silently drop
+# out of every registry-driven parametrisation. Registering a new method means adding it here.
+REGISTERED = ["advbct", "bct", "bct_ract", "contra", "fct", "independent", "l2", "lce", "mixbct", "nccl", "ract", "unibct",
+              "weakened_l2"]
 
 
 # ----------------------------------------------------------------------------------------------------------- fixtures
@@ -55,7 +60,7 @@ def old_state(ctx):
 
 # ------------------------------------------------------------------------------------------------------ the interface
 def test_registry_has_every_method():
-    assert available_methods() == ALL
+    assert available_methods() == ALL == REGISTERED
     for name in ALL:
         m = get_method(name)
         assert isinstance(m, Method) and m.name == name and m.__doc__ and "L" in m.__doc__   # formula in the docstring
@@ -86,7 +91,7 @@ def test_needs_old_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- the frozen old model
-@pytest.mark.parametrize("name", ["l2", "nccl", "advbct", "ract", "mixbct", "bct", "bct_ract", "unibct", "lce"])
+@pytest.mark.parametrize("name", methods(needs_old=True))
 def test_old_model_unchanged_after_steps(tmp_path, name):
     ctx = make_ctx(tmp_path)
     ctx.old_backbone.train()                                # even if handed over in train mode
@@ -239,26 +244,30 @@ def test_ract_without_n2n_is_contra_and_same_class_never_negative():
     torch.testing.assert_close(ract_loss(f[:1], o2, f2, y[:1], y, 0, 0.05, 0), ract_loss(f[:1], o, f, y[:1], y, 0, 0.05, 0))
 
 
-# -------------------------------------------------------------------------------------- with the trainer (smoke preset)
-@pytest.fixture(scope="module")
-def old_run(tmp_path_factory):
-    from bctnb.train import TrainConfig, train
-    root = tmp_path_factory.mktemp("runs")
-    return train(TrainConfig.make("smoke", "old", **DATA), root=root)
+# ----------------------------------------------------------- with the trainer (smoke preset, the session's old run)
+# `old_run` is the session-wide smoke old run of tests/conftest.py; new runs go into each test's own tmp_path.
+METHOD_KW = {"l2": {"lam": 5.0}}          # a non-default hyper-parameter must reach the run's config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
-def test_every_method_trains_a_few_steps(old_run, name):
+def test_every_method_trains_a_few_steps(old_run, name, tmp_path):
+    """Every registered method, in process, 2 smoke steps on the shared old run: what train_new.ipynb launches for it
+    (tests/test_train_new.py runs the notebook itself once)."""
     from bctnb.core import Run
     from bctnb.train import train
-    cfg = new_run_config(old_run, name, preset="smoke", max_steps=3)
-    run = Run(train(cfg, root=Path(old_run).parent))
-    assert run.done
+    kw = METHOD_KW.get(name, {})
+    cfg = new_run_config(old_run, name, preset="smoke", max_steps=2, method_kw=kw)
+    run = Run(train(cfg, root=tmp_path))
+    assert run.done and run.path.parent == tmp_path
+    assert run.config["method"] == name and run.config["method_kw"] == kw
+    assert run.config["old_run"] == str(Path(old_run).resolve()) and run.config["role"] == "new"
+    assert run.verify()                   # every recorded artefact is there with its sha256
     m = run.metrics()
     terms = [c for c in m.columns if c.startswith("loss_")]
     assert "loss_cls" in terms and m[terms].dropna().map(math.isfinite).all().all()
-    assert int(m["step"].max()) == 3
+    assert m["loss"].dropna().map(math.isfinite).all()
+    assert int(m["step"].max()) == 2
     if name == "advbct":                  # its diagnostics reach the training log next to the loss terms
         st = m[["stat_outside_ball", "stat_disc_acc"]].dropna()
         assert len(st) and st.map(lambda v: 0 <= v <= 1).all().all()
@@ -354,10 +363,10 @@ def test_nccl_and_ract_same_value_on_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_training_with_method_state(old_run):
+def test_two_process_training_with_method_state(old_run, tmp_path):
     """2 gloo ranks through the launcher: UniBCT's broadcast refresh, AdvBCT's DDP-trained modules, NCCL's gathers."""
     from bctnb.launch import torchrun
     for name in ("unibct", "advbct", "nccl"):
         cfg = new_run_config(old_run, name, preset="smoke", nproc=2, max_steps=2)
-        run_dir = torchrun("bctnb.train", cfg, run_root=Path(old_run).parent, echo=False, timeout=600)
+        run_dir = torchrun("bctnb.train", cfg, run_root=tmp_path, echo=False, timeout=600)
         assert (run_dir / "model" / "model.json").exists(), name

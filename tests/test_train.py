@@ -12,6 +12,7 @@ from bctnb.losses import METHODS, Method
 from bctnb.models import load_model
 from bctnb.train import NonFiniteLossError, TrainConfig, lr_at, prepare_data, train
 from bctnb.launch import LaunchError, torchrun
+from shared import OLD_DATA, OLD_DIM
 
 ROOT = Path(__file__).resolve().parents[1]
 SYN = {"num_classes": 60, "per_class": 8}          # synthetic dataset: old split 112 images, new split 272
@@ -99,9 +100,11 @@ class _Cached(Method):
     def forward(self, batch): return {"cls": self.cls_loss(batch)}
 
 
-@pytest.fixture(scope="module")
-def old_run(tmp_path_factory):
-    return train(smoke(max_steps=4, dim=16), root=tmp_path_factory.mktemp("old"))
+# `old_run`: the session-wide smoke old run of tests/conftest.py (synthetic OLD_DATA, dim 16); new runs trained against
+# it use its data (on_old_data) and go into the test's own tmp_path.
+def on_old_data(**kw):
+    "A smoke new-run config on the old run's dataset"
+    return smoke("new", **{"dataset_kw": OLD_DATA["dataset_kw"], **kw})
 
 
 # ---------------------------------------------------------------- config
@@ -161,7 +164,7 @@ def test_label_map_saved_with_model(tmp_path, old_run):
     _, head, info = load_model(old_run)
     cfg = TrainConfig.from_dict(Run(old_run).config)
     assert info["label_map"].tolist() == prepare_data(cfg).split.label_map("old").tolist()
-    assert head.num_classes == len(info["label_map"]) and info["dim"] == 16
+    assert head.num_classes == len(info["label_map"]) and info["dim"] == OLD_DIM == 16
 
 
 def test_nan_stops_names_step_and_keeps_last_good_checkpoint(tmp_path):
@@ -205,7 +208,7 @@ def test_method_state_survives_resume(tmp_path):
 
 def test_old_model_frozen_in_eval_mode_and_unchanged(tmp_path, old_run):
     _OldOnline.modes.clear()
-    cfg = smoke("new", method="_test_old_online", old_run=str(old_run), dim=16, max_steps=4)
+    cfg = on_old_data(method="_test_old_online", old_run=str(old_run), dim=16, max_steps=4)
     new = train(cfg, root=tmp_path)
     assert _OldOnline.modes and not any(_OldOnline.modes)                         # old model always in eval mode
     cols = Run(new).metrics().columns
@@ -215,7 +218,7 @@ def test_old_model_frozen_in_eval_mode_and_unchanged(tmp_path, old_run):
 
 
 def test_dim_mismatch_with_old_model(tmp_path, old_run):
-    cfg = smoke("new", method="_test_old_online", old_run=str(old_run), dim=32, max_steps=2)
+    cfg = on_old_data(method="_test_old_online", old_run=str(old_run), dim=32, max_steps=2)
     with pytest.raises(ConfigError, match=r"dim=16 but this run has dim=32.*allows a projection: fct, independent, lce \(use_trans=True\)"):
         train(cfg, root=tmp_path)
 
