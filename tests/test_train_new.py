@@ -80,3 +80,20 @@ def test_train_new_papermill_l2_with_method_kw(old_run, tmp_path):
         assert 0.0 <= res["retrieval"][k]["mAP"] <= 1.0
     assert "compat.json" in run.artefacts()
     run.verify()
+
+
+@pytest.mark.slow
+def test_train_new_papermill_runs_a_post_training_stage(old_run, tmp_path):
+    """A method with a post-training stage (taken from the registry, not named here): the notebook fits its gallery
+    transformation after training, records it as an artefact, and cross-tests new queries against h(old gallery)."""
+    from bctnb.losses import METHODS, available_methods
+    name = next(m for m in available_methods() if METHODS.get(m).has_post_stage())
+    new_root = tmp_path / "runs"
+    run_nb(tmp_path, method=name, old_run=str(old_run), preset="smoke", run_root=str(new_root), max_steps=2)
+    (run_dir,) = new_root.glob("train_new-*")
+    run = Run(run_dir)
+    h_file = METHODS.get(name).gallery_transform_file()
+    assert run.done and (run.path / h_file).exists() and h_file in run.artefacts()
+    res = json.loads((run.path / "compat.json").read_text())
+    assert 0.0 <= res["retrieval"]["new/h(old)"]["mAP"] <= 1.0 and "new/old" not in res["retrieval"]
+    run.verify()
