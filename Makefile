@@ -73,7 +73,7 @@ reproduce-full: setup
 
 ## make sweeps: NCCL temperature (3 seeds) and AdvBCT boundary/weights sweep at the quick scale -> reports/sweeps_quick/
 sweeps: setup
-	$(BIN)/python -c "from bctnb.study import run_sweep; print(run_sweep('quick'))"
+	$(BIN)/python -c "from bctnb.report import run_sweep; print(run_sweep('quick'))"
 
 ## make zoo [ZOO_IDS="train_new-… …"]: restore model-zoo runs (default: all) from git history into zoo/ ($$BCTNB_ZOO),
 ## every file checked against its sha256 in reports/model_zoo.json. No network; a shallow clone needs `git fetch --unshallow`.

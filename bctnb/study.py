@@ -1,4 +1,4 @@
-"""Reproduction studies as sets of runs: plan (scenario × method × seed × old model), train in parallel workers, evaluate under one protocol, store one JSON per finished run, and render the report.
+"""Reproduction studies as sets of runs: plan (scenario × method × seed × old model), train in parallel workers, evaluate under one protocol, store one JSON per finished run, and read the results back; the model zoo that studies continue from.
 
 Docs: https://bctnb.github.io/bctnb/study.html.md"""
 
@@ -12,26 +12,22 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'METRICS', 'SIDES', 'REFRESH_PAIRS', 'TUNED_VARIANTS', 'SWEEP_NCCL',
-           'SWEEP_ADVBCT', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'evaluate_pair',
-           'result_path', 'run_study', 'check_batches', 'load_results', 'add_derived', 'summary_table', 'verdicts',
-           'refresh_frames', 'refresh_verdicts', 'provenance', 'plot_cross_vs_old', 'plot_refresh_curves',
-           'old_model_table', 'write_report', 'reference_check', 'default_methods', 'tuned_variants', 'reproduce',
-           'sweep_jobs', 'run_sweep', 'zoo_home', 'zoo_index', 'restore_zoo', 'check_zoo_entry', 'zoo_markdown',
-           'paper_commands', 'paper_plan_or_refuse']
+__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'METRICS', 'SIDES',
+           'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'default_methods', 'tuned_variants',
+           'sweep_jobs', 'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results', 'zoo_home',
+           'zoo_index', 'restore_zoo']
 
 # %% ../nbs/08_study.ipynb #98372fe1
-import numpy as np
 import pandas as pd
-import torch
 
-from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, atomic_path, check, check_choice, config_hash, safe_name,
-                        environment, load_json, project_root, progress, save_json, sha256_file)
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, check, check_choice, config_hash,
+                        safe_name, environment, load_json, project_root, progress, save_json, sha256_file)
 
 # %% ../nbs/08_study.ipynb #f169f810
 SCALES = {
     "smoke": dict(preset="smoke", seeds=(0,), old={}, new={}),
-    "quick": dict(preset="cpu", seeds=(0,), old=dict(epochs=16, warmup_epochs=0.8), new=dict(epochs=12, warmup_epochs=0.6)),
+    "quick": dict(preset="cpu", seeds=(0,), old=dict(epochs=16, warmup_epochs=0.8),
+                  new=dict(epochs=12, warmup_epochs=0.6)),
     "cpu":   dict(preset="cpu", seeds=(0, 1, 2), old={}, new={}),
     "paper": dict(preset="paper", seeds=(0, 1, 2), old={}, new={}),
 }
@@ -64,7 +60,8 @@ class Job:
     @property
     def id(self) -> str:
         "Stable id, a portable file name: `safe_name(label)` + hash of the overrides, preset, role and the old job's id"
-        h = config_hash({"o": self.overrides, "p": self.preset, "r": self.role, "old": self.old.id if self.old else None})
+        h = config_hash({"o": self.overrides, "p": self.preset, "r": self.role,
+                         "old": self.old.id if self.old else None})
         return f"{safe_name(self.label)}-{h}"
 
 OLD_VARIANTS = {
@@ -75,13 +72,14 @@ OLD_VARIANTS = {
 def _old_scenario(scenario: str) -> str: return "open-class" if scenario.endswith("-class") else "open-data"
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """A method with hyper-parameter overrides: `"nccl"` or `"nccl:tau=0.1,alpha=2"` → ("nccl", {"tau": 0.1, "alpha": 2}).
-    Values are read as JSON where possible (numbers, true/false, null), else kept as strings."""
+    """A method with hyper-parameter overrides: `"nccl"` or `"nccl:tau=0.1,alpha=2"` → ("nccl", {"tau": 0.1, "alpha":
+    2}). Values are read as JSON where possible (numbers, true/false, null), else kept as strings."""
     name, _, rest = str(spec).partition(":")
     kw = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         k, eq, v = part.partition("=")
-        check(eq == "=" and k.strip(), f"method spec {spec!r}: expected name:key=value[,key=value], e.g. 'nccl:tau=0.1'")
+        check(eq == "=" and k.strip(),
+              f"method spec {spec!r}: expected name:key=value[,key=value], e.g. 'nccl:tau=0.1'")
         try: kw[k.strip()] = json.loads(v.strip())
         except json.JSONDecodeError: kw[k.strip()] = v.strip()
     return name.strip(), kw
@@ -117,7 +115,8 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
             for sc in scenarios:
                 key = (v, seed, _old_scenario(sc))
                 if key not in olds:
-                    ov = {**info["old"], **OLD_VARIANTS[v], **extra, "dataset": dataset, "scenario": key[2], "seed": seed, "split_seed": seed}
+                    ov = {**info["old"], **OLD_VARIANTS[v], **extra, "dataset": dataset, "scenario": key[2],
+                          "seed": seed, "split_seed": seed}
                     olds[key] = Job(f"old-{v}/{key[2].split('-')[1]}/s{seed}", ov, "old", info["preset"],
                                     tags={"old_variant": v, "seed": seed, "old_split": key[2]})
                 nd = OLD_VARIANTS[v]["dim"]
@@ -125,20 +124,49 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                     name, kw = parse_method(m); cls = METHODS.get(name)
                     post = cls.post_stage_epochs(scale) if cls.has_post_stage() else None
                     # a method with `trains_as` reuses that method's run (same training config); a post stage fits h
-                    nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed, "dim": nd,
-                          "method": cls.trains_as or name, "method_kw": {**method_kw.get(name, {}), **kw}}
+                    nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed,
+                          "dim": nd, "method": cls.trains_as or name, "method_kw": {**method_kw.get(name, {}), **kw}}
                     jobs.append(Job(f"{m}/{sc}/{v}/s{seed}", nv, "new", info["preset"], old=olds[key],
                                     tags={"method": m, "scenario": sc, "seed": seed, "old_variant": v},
                                     refresh=m in refresh_methods, post_epochs=post))
     return list(olds.values()) + jobs
 
+# %% ../nbs/08_study.ipynb #95fb03ca
+TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["nccl:tau=0.05", "advbct:p2s_weight=10"]}
+
+def default_methods(scale: str | None = None) -> list[str]:
+    """The methods the papers compare, each training a new backbone: every registered method except those that share
+    another method's run (`trains_as`, e.g. fct: a post stage after an independent model) and
+    `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
+    followed by the scale's tuned variants (`TUNED_VARIANTS`)"""
+    from bctnb.losses import METHODS, available_methods
+    own = [m for m in available_methods() if METHODS.get(m).trains_as is None and m != "contra"]
+    return own + tuned_variants(scale)
+
+def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = None) -> list[str]:
+    "The scale's tuned hyper-parameter variants (of `methods` only, when given)"
+    v = TUNED_VARIANTS.get(scale, []) if scale else []
+    return [m for m in v if methods is None or parse_method(m)[0] in methods]
+
+SWEEP_NCCL = ["independent", "nccl", "nccl:tau=0.1", "nccl:tau=0.05"]
+SWEEP_ADVBCT = ["advbct", "advbct:T=0.4", "advbct:p2s_weight=10", "advbct:normalize_disc=true",
+                "advbct:p2s_weight=10,normalize_disc=true"]
+
+def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) -> list[Job]:
+    """The hyper-parameter sweep behind `reports/sweeps_<scale>`: NCCL's temperature (τ ∈ {0.05, 0.1, 1},
+    as the NCCL paper tunes it) over several seeds, and AdvBCT's boundary T and loss weights"""
+    sc = ["open-class", "extended-class"]
+    jobs = plan_study(scale, sc, SWEEP_NCCL, seeds=nccl_seeds) + plan_study(scale, sc, SWEEP_ADVBCT, seeds=advbct_seeds)
+    return list({j.id: j for j in jobs}.values())            # old models and independent runs are shared by both plans
+
 # %% ../nbs/08_study.ipynb #61f3edc8
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
                   method: str | None = None, post_epochs: int | None = None) -> dict:
-    """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot refresh.
-    `method` (a spec like "fct" or "nccl:tau=0.1"; default the run's `cfg.method`): when it has a post-training stage,
-    h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in the new
-    run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g)) ("new/h(old)")."""
+    """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot
+    refresh. `method` (a spec like "fct" or "nccl:tau=0.1"; default the run's `cfg.method`): when it has a post-training
+    stage, h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in
+    the new run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g))
+    ("new/h(old)")."""
     from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage
     from bctnb.losses import METHODS, gallery_fn
     from bctnb.models import load_model
@@ -169,14 +197,15 @@ _RUN_LOCKS, _RUN_LOCKS_GUARD = {}, threading.Lock()
 
 def _reuse_result(study_dir, job: Job, name: str) -> bool:
     """Copy a finished result of the same job from a sibling study (`reports/*/runs/<job id>.json`), if there is one.
-    The job id hashes the training overrides, preset, role and old job, and the label names method, scenario, old variant
-    and seed, so an equal id is the same model under the same protocol. A job that needs the hot-refresh sweep only takes
-    a result that has one. The copy keeps `reused_from` (the study it came from)."""
+    The job id hashes the training overrides, preset, role and old job, and the label names method, scenario, old
+    variant and seed, so an equal id is the same model under the same protocol. A job that needs the hot-refresh sweep
+    only takes a result that has one. The copy keeps `reused_from` (the study it came from)."""
     for f in sorted(Path(study_dir).parent.glob(f"*/runs/{job.id}.json")):
         if f.parent.parent.resolve() == Path(study_dir).resolve(): continue
         r = load_json(f, "study result")
         if job.refresh and "refresh" not in r.get("metrics", {}): continue
-        save_json(result_path(study_dir, job), {**r, "study": name, "reused_from": r.get("reused_from") or f.parent.parent.name})
+        save_json(result_path(study_dir, job), {**r, "study": name,
+                                                "reused_from": r.get("reused_from") or f.parent.parent.name})
         return True
     return False
 
@@ -194,8 +223,9 @@ def _train(job: Job, old_dir, run_root) -> Path:
 
 def _from_zoo(cfg, run_root=None, zoo=None) -> bool:
     """Restore a finished run with exactly this run id from the model zoo into the run root, if the root lacks it.
-    A fresh checkout has no `runs/`, but the zoo keeps seed-0 old models: a later sitting that adds runs to a block whose
-    old model is in the zoo continues with *that* old model (re-training it on another CPU would give other floats)."""
+    A fresh checkout has no `runs/`, but the zoo keeps seed-0 old models: a later sitting that adds runs to a block
+    whose old model is in the zoo continues with *that* old model (re-training it on another CPU would give other
+    floats)."""
     import shutil
     from bctnb.core import runs_home
     rid, dst = cfg.run_id, Path(run_root or runs_home())/cfg.run_id
@@ -205,14 +235,17 @@ def _from_zoo(cfg, run_root=None, zoo=None) -> bool:
     print(f"[study] {rid}: finished run taken from the model zoo ({src})")
     return True
 
-def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, workers: int = 2, on_result: Callable | None = None) -> pd.DataFrame:
+def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, workers: int = 2,
+              on_result: Callable | None = None) -> pd.DataFrame:
     "Train and evaluate every job not yet done; returns the table of all results present for this study"
     study_dir = Path(out_dir or project_root()/"reports"/name)
     (study_dir/"runs").mkdir(parents=True, exist_ok=True)
     check(isinstance(workers, int) and workers >= 1, f"workers={workers!r} must be a positive integer")
-    reused = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists() and _reuse_result(study_dir, j, name)]
+    reused = [j for j in jobs
+              if j.role == "new" and not result_path(study_dir, j).exists() and _reuse_result(study_dir, j, name)]
     todo = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists()]
-    if reused: print(f"[study] {name}: {len(reused)} result(s) copied from other studies with the same job id (same configs, old model and protocol)")
+    if reused: print(f"[study] {name}: {len(reused)} result(s) copied from other studies with the same job id "
+                     "(same configs, old model and protocol)")
     olds = {j.old.id: j.old for j in todo}
     old_dirs, failures = {}, {}
     bar = progress(total=len(olds) + len(todo), desc=f"{name}: train+eval", unit="model")
@@ -223,7 +256,8 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         if j.old.id not in old_dirs: raise BctnbError(f"old model {j.old.label} failed; see the failure above")
         t = time.time()
         d = _train(j, old_dirs[j.old.id], run_root)
-        wall = Run(d).status.get("wall_s") or time.time() - t   # the model's own training time (≈ 0 s waited for a run already done)
+        # the model's own training time (≈ 0 s waited for a run already done)
+        wall = Run(d).status.get("wall_s") or time.time() - t
         cfg = j.config(old_dirs[j.old.id])
         ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, method=j.tags["method"],
                            post_epochs=j.post_epochs)
@@ -255,7 +289,8 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
           f"{n_new - len(todo)} result(s) were already present and skipped")
     if failures:
         raise BctnbError(f"{len(failures)} job(s) failed: " + "; ".join(f"{k}: {v[:300]}" for k, v in failures.items())
-                         + f". Finished results are kept in {study_dir/'runs'}; re-run the study to retry only the missing jobs.")
+                         + f". Finished results are kept in {study_dir/'runs'}; "
+                           "re-run the study to retry only the missing jobs.")
     return load_results(study_dir)
 
 # %% ../nbs/08_study.ipynb #31b3a50e
@@ -289,349 +324,12 @@ def load_results(study_dir) -> pd.DataFrame:
     rows = []
     for f in sorted((Path(study_dir)/"runs").glob("*.json")):
         r = load_json(f, "study result")
-        row = {k: r.get(k) for k in ("job", "label", "method", "scenario", "seed", "old_variant", "train_wall_s", "old_train_wall_s")}
+        row = {k: r.get(k) for k in ("job", "label", "method", "scenario", "seed", "old_variant", "train_wall_s",
+                                     "old_train_wall_s")}
         for side in SIDES:
             for k, v in r["metrics"][side].items(): row[f"{side}:{k}"] = v
         rows.append(row)
     return pd.DataFrame(rows)
-
-def add_derived(df: pd.DataFrame) -> pd.DataFrame:
-    "Per-row criterion, paired cross − old/old, update gain and tax (vs the matching independent run)"
-    from bctnb.compat import upgrade_metrics
-    df = df.copy()
-    key = ["scenario", "seed", "old_variant"]
-    ind = df[df.method == "independent"].set_index(key)
-    for m in METRICS:
-        df[f"pass:{m}"] = df[f"cross:{m}"] > df[f"old/old:{m}"]
-        df[f"diff:{m}"] = df[f"cross:{m}"] - df[f"old/old:{m}"]
-        gains, taxes = [], []
-        for _, r in df.iterrows():
-            k = tuple(r[c] for c in key)
-            i = ind.loc[k, f"self:{m}"] if k in ind.index else None
-            u = upgrade_metrics(r[f"old/old:{m}"], r[f"self:{m}"], r[f"cross:{m}"], None if i is None else float(np.asarray(i).ravel()[0]))
-            gains.append(u["update_gain"]); taxes.append(u["tax"])
-        df[f"gain:{m}"], df[f"tax:{m}"] = gains, taxes
-    return df
-
-def _pm(x) -> str:
-    x = pd.Series(x, dtype=float).dropna()
-    if len(x) == 0: return "–"
-    return f"{x.mean():.3f}" if len(x) == 1 else f"{x.mean():.3f} ± {x.std(ddof=1):.3f}"
-
-def summary_table(df: pd.DataFrame, by=("old_variant", "scenario", "method")) -> pd.DataFrame:
-    "mean ± std over seeds of self/cross metrics, criterion pass counts per metric, paired differences"
-    df = add_derived(df)
-    rows = []
-    for k, g in df.groupby(list(by), sort=False):
-        r = dict(zip(by, k if isinstance(k, tuple) else (k,)))
-        r["seeds"] = len(g)
-        for m in METRICS:
-            r[f"old/old {m}"] = _pm(g[f"old/old:{m}"])
-        for m in METRICS:
-            r[f"self {m}"], r[f"cross {m}"] = _pm(g[f"self:{m}"]), _pm(g[f"cross:{m}"])
-        for m in METRICS:
-            r[f"cross−old {m}"] = _pm(g[f"diff:{m}"])
-            n = int(g[f"pass:{m}"].sum())
-            r[f"pass {m}"] = ("✓" if n == len(g) else "✗" if n == 0 else "~") + f" {n}/{len(g)}"
-        r["update gain (mAP)"] = _pm(g["gain:mAP"]); r["tax (mAP)"] = _pm(g["tax:mAP"])
-        r["train s"] = _pm(g["train_wall_s"])
-        rows.append(r)
-    return pd.DataFrame(rows)
-
-# %% ../nbs/08_study.ipynb #4cfea02c
-def verdicts(df: pd.DataFrame) -> list[str]:
-    "Plain-language verdicts on the papers' claims, computed from the per-seed results"
-    df = add_derived(df); out = []
-    for (v, sc), g in df.groupby(["old_variant", "scenario"], sort=False):
-        pre = f"[{sc}, old model {v}]"
-        ind = g[g.method == "independent"]
-        if len(ind):
-            fails = {m: int((~ind[f"pass:{m}"]).sum()) for m in METRICS}
-            n = len(ind)
-            if all(f == n for f in fails.values()):
-                out.append(f"{pre} The independent new model **fails** the compatibility criterion on mAP, R@1 and TAR in all {n} seed(s) "
-                           f"(cross mAP {_pm(ind['cross:mAP'])} vs old/old {_pm(ind['old/old:mAP'])}) — as the papers claim.")
-            else:
-                out.append(f"{pre} The independent model passes the criterion in some seeds ({ {m: n - f for m, f in fails.items()} }) — "
-                           "the papers' premise that unconstrained models are incompatible does **not** hold here.")
-        comp = g[g.method != "independent"]
-        for m in METRICS:
-            per = comp.groupby("method")[f"pass:{m}"].agg(["sum", "count"])
-            allp = per[per["sum"] == per["count"]].index.tolist()
-            somep = per[(per["sum"] > 0) & (per["sum"] < per["count"])].index.tolist()
-            nonep = per[per["sum"] == 0].index.tolist()
-            if len(per) == 0: continue
-            if len(allp) == len(per):
-                out.append(f"{pre} On {m}, **every** compatible method passes the criterion in every seed.")
-            else:
-                s = f"{pre} On {m}, passing in every seed: {', '.join(allp) or 'none'}"
-                if somep: s += f"; in some seeds only: {', '.join(somep)}"
-                if nonep: s += f"; **failing**: {', '.join(nonep)}"
-                out.append(s + ".")
-        cols = [f"{side}:{m}" for side in ("self", "cross") for m in METRICS]
-        sig = {meth: tuple(map(tuple, gm.sort_values("seed")[["seed"] + cols].values.tolist())) for meth, gm in g.groupby("method")}
-        seen = {}
-        for meth, sg in sig.items(): seen.setdefault(sg, []).append(meth)
-        for same in (v for v in seen.values() if len(v) > 1):
-            out.append(f"{pre} {' and '.join(sorted(same))} gave **identical** self- and cross-test numbers in every seed: what "
-                       "distinguishes them never changed a gradient on this data (e.g. weakened L2's slack τ is never reached "
-                       "when every ‖f̂ − ô‖ stays above τ).")
-        if len(comp):
-            best = comp.groupby("method")["cross:mAP"].mean().sort_values(ascending=False)
-            spread = comp.groupby("method")["cross:mAP"].std(ddof=1)
-            lead = best.index[0]
-            gap = best.iloc[0] - best.iloc[1] if len(best) > 1 else float("nan")
-            sd = spread.get(lead, float("nan"))
-            trust = "" if not math.isfinite(sd) else (" (gap larger than the seed spread)" if gap > sd else " (gap within the seed spread: not a reliable ranking)")
-            nxt = f", ahead of {best.index[1]} by {gap:+.3f}" if len(best) > 1 else ""
-            out.append(f"{pre} Highest cross-test mAP: **{lead}** ({best.iloc[0]:.3f}{nxt}){trust if len(best) > 1 else ''}.")
-            if "mixbct" in best.index and lead != "mixbct" and len(best) > 1:       # MixBCT's claim: it leads with a weak old model
-                k = list(best.index).index("mixbct") + 1
-                out.append(f"{pre} MixBCT ranks {k} of {len(best)} on cross-test mAP ({best['mixbct']:.3f}, "
-                           f"{best['mixbct'] - best.iloc[0]:+.3f} vs {lead}).")
-    return out
-
-# %% ../nbs/08_study.ipynb #cda5c677
-def refresh_frames(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(curves, summaries) of every job that ran the hot-refresh sweep, tagged with method/scenario/seed"
-    curves, summ = [], []
-    for f in sorted((Path(study_dir)/"runs").glob("*.json")):
-        r = load_json(f, "study result")
-        if "refresh" not in r["metrics"]: continue
-        tags = {k: r.get(k) for k in ("method", "scenario", "seed", "old_variant")}
-        c = pd.DataFrame(r["metrics"]["refresh"]["curves"]).assign(**{f"run_{k}" if k == "seed" else k: v for k, v in tags.items()})
-        s = pd.DataFrame(r["metrics"]["refresh"]["summary"]).assign(**{f"run_{k}" if k == "seed" else k: v for k, v in tags.items()})
-        curves.append(c); summ.append(s)
-    return (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(),
-            pd.concat(summ, ignore_index=True) if summ else pd.DataFrame())
-
-REFRESH_PAIRS = (("ract", "bct"), ("fct", "ract"), ("fct", "bct"))     # RACT's claim, then forward compatibility vs both
-
-def refresh_verdicts(summ: pd.DataFrame, a: str = "ract", b: str = "bct") -> list[str]:
-    "Does method `a` have fewer negative flips than `b` during refresh (mean NFR over the β grid), per scenario and ordering?"
-    out = []
-    if summ.empty or not {a, b} <= set(summ.method): return out
-    for (sc, o), g in summ.groupby(["scenario", "ordering"]):
-        ga = g[g.method == a].groupby("run_seed")["nfr_mean"].mean(); gb = g[g.method == b].groupby("run_seed")["nfr_mean"].mean()
-        common = ga.index.intersection(gb.index)
-        if not len(common): continue
-        d = (ga[common] - gb[common])
-        wins = int((d < 0).sum())
-        spread = f" ± {d.std(ddof=1):.4f}" if len(d) > 1 else ""
-        word = "reduces" if wins == len(d) else ("does not reduce" if wins == 0 else f"reduces in {wins} of {len(d)} seeds")
-        out.append(f"[{sc}, {o} order] {a.upper()} {word} negative flips vs {b.upper()}: mean NFR {ga[common].mean():.4f} vs "
-                   f"{gb[common].mean():.4f} (paired difference {d.mean():+.4f}{spread}).")
-    return out
-
-# %% ../nbs/08_study.ipynb #55425178
-def provenance(study_dir) -> list[str]:
-    "Markdown bullets: how many of a study's results each (commit, torch, CPU) produced, with their scenarios and seeds"
-    rows = []
-    for f in sorted((Path(study_dir)/"runs").glob("*.json")):
-        r = load_json(f, "study result"); e = r.get("env", {})
-        rows.append({"commit": (e.get("git_commit") or "unknown")[:10], "torch": e.get("torch"),
-                     "cpu": e.get("cpu_model") or "CPU not recorded", "reused": r.get("reused_from"),
-                     "where": f"{r.get('scenario')}/s{r.get('seed')}"})
-    if not rows: return []
-    df = pd.DataFrame(rows).fillna({"reused": ""})
-    out = []
-    for (c, t, cpu, ru), g in df.groupby(["commit", "torch", "cpu", "reused"], sort=False):
-        where = ", ".join(sorted(set(g["where"])))
-        out.append(f"- {len(g)} run(s) at commit `{c}`, torch {t}, {cpu}" + (f", copied from `{ru}`" if ru else "") + f": {where}")
-    return out
-
-def plot_cross_vs_old(df: pd.DataFrame, metric: str = "mAP", ax=None):
-    "Bar chart: cross-test per method (mean ± sd over seeds) against the old/old line, one panel per scenario"
-    import matplotlib.pyplot as plt, seaborn as sns
-    scen = list(dict.fromkeys(df.scenario))
-    if ax is None:
-        fig, axes = plt.subplots(1, len(scen), figsize=(4.5 * len(scen), 3.6), squeeze=False); axes = axes[0]
-    else: axes = [ax]
-    for a, sc in zip(axes, scen):
-        g = df[df.scenario == sc]
-        sns.barplot(data=g, x="method", y=f"cross:{metric}", errorbar="sd", ax=a, color="#4c72b0")
-        a.axhline(g[f"old/old:{metric}"].mean(), ls="--", c="crimson", label="old/old")
-        a.set_title(f"{sc}: cross-test {metric}"); a.set_xlabel(""); a.set_ylabel(f"cross {metric}")
-        plt.setp(a.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor"); a.legend(fontsize=8)
-    plt.tight_layout()
-    return axes
-
-def plot_refresh_curves(curves: pd.DataFrame, metric: str = "mAP", value: str | None = None):
-    "Metric and negative-flip rate vs refreshed fraction, one line per method, one panel per ordering"
-    import matplotlib.pyplot as plt, seaborn as sns
-    orders = list(dict.fromkeys(curves.ordering))
-    fig, axes = plt.subplots(2, len(orders), figsize=(4.2 * len(orders), 6.4), squeeze=False)
-    for i, o in enumerate(orders):
-        g = curves[curves.ordering == o]
-        sns.lineplot(data=g, x="beta", y=metric, hue="method", errorbar="sd", marker="o", ax=axes[0, i])
-        sns.lineplot(data=g, x="beta", y="nfr", hue="method", errorbar="sd", marker="o", ax=axes[1, i])
-        axes[0, i].set_title(f"{o} order"); axes[1, i].set_xlabel("refreshed fraction β"); axes[1, i].set_ylabel("negative flip rate")
-    plt.tight_layout()
-    return fig
-
-def _md(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-def old_model_table(tab: pd.DataFrame) -> pd.DataFrame:
-    """The MixBCT paper's layout of a `summary_table`: a row per (scenario, method), the old model first (its own test in
-    the self columns), and for each old model its self- and cross-test columns side by side"""
-    variants = list(dict.fromkeys(tab.old_variant))
-    cols = [f"{v} {side} {m}" for v in variants for side in ("self", "cross") for m in METRICS]
-    rows = []
-    for sc, g in tab.groupby("scenario", sort=False):
-        first = g.drop_duplicates("old_variant").set_index("old_variant")
-        rows.append({"scenario": sc, "method": "old/old", **{f"{v} self {m}": first.loc[v, f"old/old {m}"] for v in first.index for m in METRICS}})
-        for meth, h in g.groupby("method", sort=False):
-            rows.append({"scenario": sc, "method": meth, **{f"{x.old_variant} {side} {m}": x[f"{side} {m}"]
-                                                             for _, x in h.iterrows() for side in ("self", "cross") for m in METRICS}})
-    return pd.DataFrame(rows, columns=["scenario", "method", *cols]).fillna("–")
-
-def write_report(name: str, study_dir=None, title: str | None = None, intro: str = "", scale: str = "", reference=None) -> Path:
-    "Render README.md, CSVs and figures for a study from its result files (with a check against the study in `reference`, if given)"
-    import matplotlib.pyplot as plt
-    study_dir = Path(study_dir or project_root()/"reports"/name)
-    df = load_results(study_dir)
-    if df.empty: raise NotFoundError(f"no results in {study_dir/'runs'}; run the study first (run_study)")
-    df.to_csv(study_dir/"results.csv", index=False)
-    tab = summary_table(df); tab.to_csv(study_dir/"summary.csv", index=False)
-    figs = []
-    for m in METRICS:
-        plot_cross_vs_old(df, m); f = study_dir/f"cross_{m.replace('@', '')}.png"
-        plt.savefig(f, dpi=110, bbox_inches="tight"); plt.close("all"); figs.append(f.name)
-    curves, summ = refresh_frames(study_dir)
-    rv = []
-    if not curves.empty:
-        plot_refresh_curves(curves); f = study_dir/"hot_refresh.png"; plt.savefig(f, dpi=110, bbox_inches="tight"); plt.close("all"); figs.append(f.name)
-        summ.to_csv(study_dir/"hot_refresh_summary.csv", index=False)
-        rv = [v for a, b in REFRESH_PAIRS for v in refresh_verdicts(summ, a, b)]    # pairs with a method missing give none
-    env = environment()
-    wall = df["train_wall_s"].sum() + df.drop_duplicates("old_train_wall_s")["old_train_wall_s"].fillna(0).sum()
-    seeds = sorted(set(df.seed))
-    lines = [f"# {title or name}", "", intro, "",
-             f"Scale `{scale}`; seeds {seeds}; {len(df)} new-model runs. Generated by `bctnb.study.write_report` from `runs/*.json`; "
-             "every number below is computed from those files.", "",
-             "## Verdicts", "", *[f"- {s}" for s in verdicts(df) + rv], "",
-             "Pass marks: ✓ criterion (cross > old/old, strict) met in every seed, ✗ in none, ~ in some; counts are passes/seeds. "
-             "Values are mean ± sample std over seeds; `cross−old` is the paired per-seed difference.", ""]
-    few = df.groupby(["old_variant", "scenario"], sort=False)["seed"].nunique()
-    few = few[few < 3]
-    if len(few):
-        which = "all rows" if len(few) == df.groupby(["old_variant", "scenario"]).ngroups else \
-            ", ".join(f"{sc} ({v} old model): {n} seed(s)" for (v, sc), n in few.items())
-        lines += [f"**Caution — fewer than 3 seeds:** {which}. The CPU-tier trial found cross − old/old margins of +0.01 to +0.03 mAP, "
-                  "the size of seed-to-seed noise; verdicts from one or two seeds are not reliable.", ""]
-    show = ["old_variant", "scenario", "method", "seeds"]
-    lines += ["## Cross-test and compatibility", "", _md(tab[show + [c for c in tab.columns if c.startswith(("old/old", "cross "))]]), "",
-              "## Criterion per metric, paired differences", "", _md(tab[show + [c for c in tab.columns if c.startswith(("pass", "cross−old"))]]), "",
-              "## Self-test, update gain, compatibility tax", "",
-              _md(tab[show + [c for c in tab.columns if c.startswith(("self", "update", "tax", "train"))]]), ""]
-    if tab.old_variant.nunique() > 1:
-        lines += ["## Per old model (the MixBCT paper's layout)", "", "Rows: methods, the old model first (its own test in the self "
-                  "columns); columns: each old model's self-test (new/new) and cross-test (new query → old gallery).", "",
-                  _md(old_model_table(tab)), ""]
-    if not summ.empty:
-        agg = summ.groupby(["scenario", "method", "ordering"]).agg(auc=("auc", "mean"), nfr_mean=("nfr_mean", "mean"), nfr0=("nfr0", "mean"),
-                                                                  regression_depth=("regression_depth", "mean"), dips=("dips", "mean")).reset_index().round(4)
-        lines += ["## Hot refresh", "", "Gallery refreshed from old to new features in 11 steps (β = 0 … 1); NFR = negative flip rate "
-                  "against old/old top-1; AUC under the mAP curve.", "", _md(agg), ""]
-    lines += ["## Figures", "", *[f"![{f}]({f})" for f in figs], "",
-              "## Environment and cost", "",
-              "Where the results were produced (from each run file's `env`; the same code and seed give different floats on "
-              "CPUs with different kernels, so a seed's models come from one old model trained on one machine):", "",
-              *provenance(study_dir), "",
-              f"- report rendered on: {env['platform']}, {env['cpu_count']} cores, python {env['python']}, torch {env['torch']}, "
-              f"GPUs: {env['gpus'] or 'none'}, bctnb commit {env.get('git_commit')}",
-              f"- total training wall time: {wall / 60:.1f} min (sum over models; runs execute two at a time)", ""]
-    if reference is not None:
-        long, check = reference_check(study_dir, reference); long.to_csv(study_dir/"reference_check.csv", index=False)
-        shown = Path(reference).resolve()
-        shown = shown.relative_to(project_root()) if shown.is_relative_to(project_root()) else shown
-        lines += [f"## Reproduction check against `{shown}`", "", *check, "",
-                  "Every metric next to the reference's: `reference_check.csv`.", ""]
-    out = study_dir/"README.md"
-    out.write_text("\n".join(lines))
-    return out
-
-# %% ../nbs/08_study.ipynb #7c1e0a56
-def reference_check(study_dir, ref_dir, atol: float = 1e-9) -> tuple[pd.DataFrame, list[str]]:
-    "Per-run metrics of `study_dir` next to those of `ref_dir` (runs paired by job id), and Markdown lines summarising them"
-    new, ref = load_results(study_dir), load_results(ref_dir)
-    if ref.empty: raise NotFoundError(f"no reference results in {Path(ref_dir)/'runs'}; pass the folder of a study that has run (e.g. reports/unibct_quick)")
-    cols, key = [f"{s}:{m}" for s in SIDES for m in METRICS], ["job", "method", "scenario", "seed"]
-    both = new.merge(ref[["job", *cols]], on="job", suffixes=("", " ref"))
-    long = both.melt(id_vars=key, value_vars=cols, var_name="metric", value_name="value")
-    long["reference"] = both.melt(id_vars=key, value_vars=[f"{c} ref" for c in cols])["value"].to_numpy()
-    long["diff"] = long["value"] - long["reference"]
-    same = long["diff"].abs() <= atol
-    lines = [f"- {len(both)} of {len(new)} runs here have a reference run with the same job id in `{Path(ref_dir).name}` "
-             f"({len(set(new.job) - set(ref.job))} only here, {len(set(ref.job) - set(new.job))} only in the reference)."]
-    if len(both):
-        lines.append(f"- {int(same.sum())} of {len(long)} numbers are identical (|Δ| ≤ {atol:g})" +
-                     (": **reproduced exactly**." if same.all() else "."))
-        ja, jr = add_derived(new[new.job.isin(both.job)]).set_index("job"), add_derived(ref[ref.job.isin(both.job)]).set_index("job")
-        agree = {m: int((ja[f"pass:{m}"] == jr.loc[ja.index, f"pass:{m}"]).sum()) for m in METRICS}
-        lines.append("- Verdict cross > old/old agrees with the reference in " +
-                     ", ".join(f"{agree[m]}/{len(ja)} runs on {m}" for m in METRICS) + ".")
-        if not same.all():
-            g = long.assign(a=long["diff"].abs()).groupby("metric")["a"]
-            med, mx = g.median(), g.max()
-            lines.append("- |Δ| per metric, median / max: " + ", ".join(f"{c} {med[c]:.4f} / {mx[c]:.4f}" for c in cols) + ".")
-            w = long.loc[long["diff"].abs().idxmax()]
-            lines.append(f"- Largest: {w.metric} of {w.method} ({w.scenario}, seed {w.seed}): {w.value:.4f} here vs {w.reference:.4f}.")
-    lines += ["- Produced here:", *["  " + s for s in provenance(study_dir)], "- Reference:", *["  " + s for s in provenance(ref_dir)]]
-    return long, lines
-
-
-# %% ../nbs/08_study.ipynb #95fb03ca
-TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["nccl:tau=0.05", "advbct:p2s_weight=10"]}
-
-def default_methods(scale: str | None = None) -> list[str]:
-    """The methods the papers compare, each training a new backbone: every registered method except those that share
-    another method's run (`trains_as`, e.g. fct: a post stage after an independent model) and
-    `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
-    followed by the scale's tuned variants (`TUNED_VARIANTS`)"""
-    from bctnb.losses import METHODS, available_methods
-    own = [m for m in available_methods() if METHODS.get(m).trains_as is None and m != "contra"]
-    return own + tuned_variants(scale)
-
-def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = None) -> list[str]:
-    "The scale's tuned hyper-parameter variants (of `methods` only, when given)"
-    v = TUNED_VARIANTS.get(scale, []) if scale else []
-    return [m for m in v if methods is None or parse_method(m)[0] in methods]
-
-def reproduce(name: str, jobs: Sequence[Job], scale: str, title: str, intro: str = "", workers: int = 2,
-              out_dir=None, run_root=None, reference=None) -> Path:
-    "Run the study's missing jobs and write its report (checked against the study in `reference`, if given); returns the report path"
-    study_dir = Path(out_dir or project_root()/"reports"/name)
-    if reference is not None and Path(reference).resolve() == study_dir.resolve():
-        raise ConfigError(f"reference={reference} is the study's own folder; write the study elsewhere (out_dir) to compare it with its reference")
-    check_batches(jobs)
-    run_study(name, jobs, study_dir, run_root, workers)
-    return write_report(name, study_dir, title, intro, scale, reference)
-
-SWEEP_NCCL = ["independent", "nccl", "nccl:tau=0.1", "nccl:tau=0.05"]
-SWEEP_ADVBCT = ["advbct", "advbct:T=0.4", "advbct:p2s_weight=10", "advbct:normalize_disc=true",
-                "advbct:p2s_weight=10,normalize_disc=true"]
-
-def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) -> list[Job]:
-    """The hyper-parameter sweep behind `reports/sweeps_<scale>`: NCCL's temperature (τ ∈ {0.05, 0.1, 1},
-    as the NCCL paper tunes it) over several seeds, and AdvBCT's boundary T and loss weights"""
-    sc = ["open-class", "extended-class"]
-    jobs = plan_study(scale, sc, SWEEP_NCCL, seeds=nccl_seeds) + plan_study(scale, sc, SWEEP_ADVBCT, seeds=advbct_seeds)
-    return list({j.id: j for j in jobs}.values())            # old models and independent runs are shared by both plans
-
-def run_sweep(scale: str = "quick", workers: int = 2, out_dir=None, run_root=None, **kw) -> Path:
-    "`make sweeps`: run what is missing of `sweep_jobs(scale)` and write `reports/sweeps_<scale>/`"
-    intro = ("The default NCCL (τ = 1) and AdvBCT (T = 1.0, official loss weights) stay near chance on cross-test on the emoji "
-             "data. This sweep varies NCCL's temperature over three seeds, and AdvBCT's boundary T, the weight of its "
-             "point-to-set term (`p2s_weight`) and whether its discriminator sees normalised features (`normalize_disc`). "
-             "Same recipe and old models as the other studies at this scale; rows with a `:` are hyper-parameter variants. "
-             "Command: `make sweeps`.")
-    return reproduce(f"sweeps_{scale}", sweep_jobs(scale, **kw), scale, "NCCL temperature and AdvBCT boundary sweep", intro,
-                     workers, out_dir, run_root)
 
 # %% ../nbs/08_study.ipynb #f6928106
 ZOO_INDEX = Path("reports")/"model_zoo.json"
@@ -650,7 +348,8 @@ def _git(root, *args) -> subprocess.CompletedProcess:
 
 def _restored(out: Path, e: dict) -> bool:
     "Already restored and intact (config.json is rewritten on restore, so it is not compared)"
-    return (out/"status.json").exists() and all(sha256_file(out/f) == s for f, s in e["files"].items() if f != "config.json")
+    return (out/"status.json").exists() and all(sha256_file(out/f) == s
+                                                for f, s in e["files"].items() if f != "config.json")
 
 def _restore_one(rid: str, e: dict, root: Path, dest: Path) -> Path:
     import io, shutil, tarfile
@@ -658,8 +357,10 @@ def _restore_one(rid: str, e: dict, root: Path, dest: Path) -> Path:
     if _restored(out, e): return out
     if _git(root, "cat-file", "-e", f"{e['commit']}^{{commit}}").returncode != 0:
         shallow = _git(root, "rev-parse", "--is-shallow-repository").stdout.decode().strip() == "true"
-        fix = "this is a shallow clone: run `git fetch --unshallow`" if shallow else "run `git fetch` to get the history"
-        raise NotFoundError(f"zoo entry {rid} is stored in commit {e['commit'][:12]}, which this clone lacks; {fix}, then retry")
+        fix = ("this is a shallow clone: run `git fetch --unshallow`" if shallow
+               else "run `git fetch` to get the history")
+        raise NotFoundError(f"zoo entry {rid} is stored in commit {e['commit'][:12]}, which this clone lacks; "
+                            f"{fix}, then retry")
     p = _git(root, "archive", "--format=tar", e["commit"], e["path"])
     if p.returncode != 0:
         raise NotFoundError(f"git archive of {e['path']} at {e['commit'][:12]} failed: {p.stderr.decode()[-300:]}")
@@ -668,7 +369,8 @@ def _restore_one(rid: str, e: dict, root: Path, dest: Path) -> Path:
     src = tmp/e["path"]
     for f, sha in e["files"].items():
         if not (src/f).exists() or sha256_file(src/f) != sha:
-            raise IntegrityError(f"zoo entry {rid}: {e['path']}/{f} at {e['commit'][:12]} does not match its sha256 in {ZOO_INDEX}")
+            raise IntegrityError(f"zoo entry {rid}: {e['path']}/{f} at {e['commit'][:12]} does not match "
+                                 f"its sha256 in {ZOO_INDEX}")
     rc = load_json(src/"config.json", "run config")
     rc["hash"] = rid.rsplit("-", 1)[1]
     if e.get("old_run"): rc["config"]["old_run"] = str((dest/e["old_run"]).resolve())
@@ -693,80 +395,7 @@ def restore_zoo(ids: Sequence[str] | None = None, dest=None, root=None) -> list[
     for rid in order:
         d = _restore_one(rid, index[rid], root, dest)
         got = TrainConfig.from_dict(Run(d).config).run_id
-        if got != rid: raise IntegrityError(f"restored zoo run {d} has run id {got}, not {rid}: the index is out of date")
+        if got != rid:
+            raise IntegrityError(f"restored zoo run {d} has run id {got}, not {rid}: the index is out of date")
         if rid in ids: out.append(d)
     return out
-
-def check_zoo_entry(result_json, zoo=None, atol: float = 1e-4) -> dict:
-    "Restore the zoo pair behind one study result file and re-evaluate it; raise unless every metric matches"
-    from bctnb.train import TrainConfig
-    r = load_json(Path(result_json), "study result")
-    new_dir = restore_zoo([r["new_run"]], zoo)[0]
-    old_dir = new_dir.parent/r["old_run"]
-    cfg = TrainConfig(**{**r["config"], "old_run": str(old_dir)})
-    got = evaluate_pair(old_dir, new_dir, cfg)
-    for side in SIDES:
-        for k, v in r["metrics"][side].items():
-            if abs(got[side][k] - v) > atol:
-                raise IntegrityError(f"zoo pair {r['label']}: {side} {k} = {got[side][k]:.6f} but the committed result says {v:.6f}")
-    return got
-
-def zoo_markdown(root=None) -> Path:
-    "Render `reports/model_zoo.md` from the zoo index"
-    root = Path(root or project_root()); index = zoo_index(root)
-    rows = [{"run id": f"`{rid}`", "study": e["study"], "role": e["role"], "method": e.get("method") or "—",
-             "scenario": e["scenario"], "old variant": e["old_variant"], "seed": e["seed"], "mAP": e["mAP"],
-             "commit": f"`{e['commit'][:10]}`", "backbone sha256": f"`{e['files']['model/backbone.safetensors']}`"}
-            for rid, e in index.items()]
-    df = pd.DataFrame(rows).sort_values(["role", "old variant", "scenario", "method"], ascending=[False, True, True, True])
-    ex_new = next(r for r, e in index.items() if e["role"] == "new")
-    md = ["# Model zoo", "",
-          "Seed-0 CPU-tier models (cpu_resnet on the emoji data, CPU recipe) behind the committed studies. The weights are "
-          "not in the working tree: each entry lives in the repository's history at the listed commit, and "
-          f"[`model_zoo.json`](model_zoo.json) gives its path there and the sha256 of every file. Restore entries (a new "
-          "model brings its old model) into `zoo/` — no network, every file verified:", "",
-          "```bash", f'make zoo ZOO_IDS="{ex_new}"      # or make zoo for all', "```", "",
-          "A shallow clone lacks the history: `git fetch --unshallow` first. Evaluate a restored pair without training:", "",
-          "```bash", f"papermill nbs/evaluate.ipynb /tmp/eval.ipynb --cwd nbs -p old_run ../zoo/{index[ex_new]['old_run']} \\",
-          f"          -p new_runs '[\"../zoo/{ex_new}\"]'", "```", "",
-          "or `bctnb.study.check_zoo_entry(result_json)`, which restores the pair behind a study result and compares every "
-          "metric. The mAP column is the committed result: cross-test for new models, old/old for old models.", "",
-          _md(df), "",
-          "## Paper scale", "",
-          "No paper-scale weights are provided: training them needs the datasets (see `data_cards/`) and 8 GPUs. Produce "
-          "them with the commands `bctnb.study.paper_commands` prints (also printed by the `reproduce_*` notebooks at "
-          "`-p scale paper`), e.g.:", "", "```bash",
-          *paper_commands("unibct_paper", ["l2", "bct", "nccl"], ["open-class"], "face")[:3], "```", ""]
-    out = root/"reports"/"model_zoo.md"
-    with atomic_path(out) as tmp: Path(tmp).write_text("\n".join(md))
-    return out
-
-# %% ../nbs/08_study.ipynb #99e03c3c
-def paper_commands(study: str, methods: Sequence[str], scenarios: Sequence[str], domain: str = "face") -> list[str]:
-    "The commands a user with the data and 8 GPUs runs for a paper-scale study"
-    train_ds, _ = PAPER_DATA[domain]
-    cmds = [f"papermill nbs/train_old.ipynb runs/{study}_old_{sc}.ipynb --cwd nbs -p preset paper -p dataset {train_ds} -p scenario {sc} -p nproc 8"
-            for sc in dict.fromkeys(_old_scenario(s) for s in scenarios)]
-    cmds += [f"papermill nbs/train_new.ipynb runs/{study}_{m}_{sc}.ipynb --cwd nbs -p preset paper -p dataset {train_ds} -p scenario {sc} "
-             f"-p method {m} -p nproc 8 -p old_run runs/train_old-<hash of the {_old_scenario(sc)} old run>"
-             for sc in scenarios for m in methods]
-    protocols = ["ijbc"] if domain == "face" else ["roxford5k", "rparis6k", "gldv2"]
-    cmds += [f"papermill nbs/evaluate.ipynb runs/{study}_eval_{p}_{sc}.ipynb --cwd nbs -p protocol {p} "
-             f"-p old_run runs/train_old-<hash of the {_old_scenario(sc)} old run> "
-             f"-p new_runs '[\"runs/train_new-<hash of {methods[0]}>\", ...]'"
-             for sc in scenarios for p in protocols]
-    return cmds
-
-def paper_plan_or_refuse(study: str, methods, scenarios, domain: str = "face", gpus_needed: int = 8):
-    "Raise a clear error (with the commands to run) unless the paper-scale data and GPUs are present"
-    from bctnb.data import load_dataset
-    problems = []
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n < gpus_needed: problems.append(f"{n} CUDA GPU(s) visible, {gpus_needed} needed")
-    for ds in PAPER_DATA[domain]:
-        try: load_dataset(ds)
-        except BctnbError as e: problems.append(f"dataset {ds}: {str(e).splitlines()[0][:300]}")
-    if problems:
-        raise BctnbError("paper scale cannot start here: " + "; ".join(problems) + ".\nOn a machine with the data (see data_cards/) and "
-                         f"{gpus_needed} GPUs run:\n  " + "\n  ".join(paper_commands(study, methods, scenarios, domain)))
-    return True

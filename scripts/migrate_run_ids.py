@@ -17,7 +17,8 @@ Idempotent: a result that has `migrated_from` is left alone, and an existing zoo
 import subprocess, sys
 from pathlib import Path
 from bctnb.core import config_hash, load_json, save_json, safe_name, sha256_file
-from bctnb.study import OLD_VARIANTS, SCALES, plan_study, zoo_markdown
+from bctnb.study import OLD_VARIANTS, SCALES, plan_study
+from bctnb.zoo import zoo_markdown
 from bctnb.train import TrainConfig
 
 ROOT = Path.cwd()

@@ -59,7 +59,8 @@ def test_root_inside_dataset_kw_loads(folder):
 
 def test_batch_larger_than_a_split_fails_before_training(folder, tmp_path):
     from bctnb.core import ConfigError
-    from bctnb.study import plan_study, reproduce
+    from bctnb.study import plan_study
+    from bctnb.report import reproduce
     jobs = plan_study("smoke", ["open-class"], ["independent"], dataset="folder", data_root=folder, batch_size=64)
     with pytest.raises(ConfigError, match=r"old training split of folder \(open-class.*has 24 images, fewer than one "
                                           r"batch of 64.*-p batch_size 16"):

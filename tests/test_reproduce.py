@@ -71,7 +71,8 @@ def test_reproduce_checks_against_reference(tmp_path, runs):
     The folders have different parents, so the second evaluates the (already trained) models itself instead of copying
     the first one's result files; evaluation is deterministic, so every number must match."""
     from bctnb.core import ConfigError
-    from bctnb.study import plan_study, reproduce
+    from bctnb.study import plan_study
+    from bctnb.report import reproduce
     jobs = plan_study("smoke", ["open-class"], ["independent", "l2"], dataset="synthetic", dataset_kw={"num_classes": 40, "per_class": 6})
     ref, again = tmp_path / "a" / "ref", tmp_path / "b" / "again"
     reproduce("reftest", jobs, "smoke", "ref", out_dir=ref, run_root=runs)
@@ -129,7 +130,7 @@ def test_zoo_restores_into_run_folders_named_by_their_run_ids(zoo):
 @pytest.mark.slow
 def test_model_zoo_pair_reproduces_the_committed_numbers(zoo):
     "Evaluating the zoo's seed-0 L2 pair (open-class) from its weights gives the numbers in reports/unibct_cpu"
-    from bctnb.study import check_zoo_entry
+    from bctnb.zoo import check_zoo_entry
     f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR))
     got = check_zoo_entry(f, zoo=zoo)                                  # raises if any metric differs by > 1e-4
     committed = json.loads(f.read_text())["metrics"]
