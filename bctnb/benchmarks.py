@@ -38,11 +38,13 @@ def pack_record(flag: int = 0, label=0.0, id: int = 0, id2: int = 0, payload: by
 
 def unpack_record(rec: bytes, what: str = "record") -> tuple:
     "(flag, label: float or float32 array, id, id2, payload) of a logical record"
-    if len(rec) < _IRHEADER.size: raise IntegrityError(f"{what}: {len(rec)} bytes is shorter than the 24-byte IRHeader; the file is corrupt")
+    if len(rec) < _IRHEADER.size:
+        raise IntegrityError(f"{what}: {len(rec)} bytes is shorter than the 24-byte IRHeader; the file is corrupt")
     flag, label, id_, id2 = _IRHEADER.unpack_from(rec)
     off = _IRHEADER.size
     if flag > 0:
-        if len(rec) < off + 4 * flag: raise IntegrityError(f"{what}: header says {flag} labels but the record ends early; the file is corrupt")
+        if len(rec) < off + 4 * flag:
+            raise IntegrityError(f"{what}: header says {flag} labels but the record ends early; the file is corrupt")
         label = np.frombuffer(rec, dtype="<f4", count=flag, offset=off).copy(); off += 4 * flag
     return flag, label, id_, id2, rec[off:]
 
@@ -60,14 +62,17 @@ def encode_recordio(rec: bytes) -> bytes:
     parts.append(rec[start:])
     return b"".join(_physical(p, 1 if k == 0 else (3 if k == len(parts) - 1 else 2)) for k, p in enumerate(parts))
 
-def write_recordio(prefix, images: Iterable, identity_records: bool = False, label_flag: int = 0, image_size=None) -> tuple:
-    """Write `prefix.rec`/`prefix.idx` (+ `property`) in insightface layout from (class, encoded image bytes) pairs, sorted by
-    class: record 0 = header [N+1, N+1] (or [N+1, N+1+C] with identity records), images keys 1…N"""
+def write_recordio(prefix, images: Iterable, identity_records: bool = False, label_flag: int = 0,
+                   image_size=None) -> tuple:
+    ("Write `prefix.rec`/`prefix.idx` (+ `property`) in insightface layout from (class, encoded image bytes) pairs, "
+     "sorted by\n    class: record 0 = header [N+1, N+1] (or [N+1, N+1+C] with identity records), images keys 1…N")
     items = list(images)
     for j, (c, b) in enumerate(items):
-        if not isinstance(b, (bytes, bytearray)): raise ConfigError(f"write_recordio: item {j} payload must be encoded image bytes, got {type(b).__name__}")
+        if not isinstance(b, (bytes, bytearray)):
+            raise ConfigError(f"write_recordio: item {j} payload must be encoded image bytes, got {type(b).__name__}")
     cls = [int(c) for c, _ in items]
-    if cls != sorted(cls): raise ConfigError("write_recordio: items must be sorted by class (insightface layout); sort them first")
+    if cls != sorted(cls):
+        raise ConfigError("write_recordio: items must be sorted by class (insightface layout); sort them first")
     check_choice("label_flag", label_flag, [0, 2])
     prefix = Path(prefix); rec_p, idx_p = prefix.with_suffix(".rec"), prefix.with_suffix(".idx")
     N = len(items)
@@ -101,12 +106,15 @@ class RecordIOReader:
         self.rec = Path(rec)
         self.idx_path = Path(idx) if idx is not None else self.rec.with_suffix(".idx")
         for p in (self.rec, self.idx_path):
-            if not p.exists(): raise NotFoundError(f"RecordIO file {p} is missing; a .rec needs its .idx next to it (key<TAB>offset per line)")
+            if not p.exists():
+                raise NotFoundError(f"RecordIO file {p} is missing; a .rec needs its .idx next to it (key<TAB>offset "
+                                    "per line)")
         self.offsets = {}
         for ln, line in enumerate(self.idx_path.read_text().splitlines(), 1):
             if not line.strip(): continue
             try: k, o = line.split("\t"); self.offsets[int(k)] = int(o)
-            except ValueError: raise IntegrityError(f"{self.idx_path}: line {ln} is not 'key<TAB>offset': {line[:60]!r}") from None
+            except ValueError:
+                raise IntegrityError(f"{self.idx_path}: line {ln} is not 'key<TAB>offset': {line[:60]!r}") from None
         self.keys = list(self.offsets)
         self.size = self.rec.stat().st_size
         self._fd, self._pid = None, None
@@ -124,18 +132,30 @@ class RecordIOReader:
 
     def read(self, key: int) -> bytes:
         "The logical record `key` (parts joined, magic words re-inserted)"
-        if key not in self.offsets: raise NotFoundError(f"{self.idx_path}: no record with key {key} (keys {min(self.keys)}…{max(self.keys)})")
+        if key not in self.offsets:
+            raise NotFoundError(f"{self.idx_path}: no record with key {key} (keys {min(self.keys)}…{max(self.keys)})")
         fd, off, out = self._fdesc(), self.offsets[key], []
         while True:
             head = os.pread(fd, 8, off)
-            if len(head) < 8: raise IntegrityError(f"{self.rec}: record {key} is truncated at byte offset {off} (file ends at {self.size}); the .rec is incomplete — re-download it")
+            if len(head) < 8:
+                raise IntegrityError(f"{self.rec}: record {key} is truncated at byte offset {off} (file ends at "
+                                     f"{self.size}); the .rec is incomplete — re-download it")
             magic, lrec = struct.unpack("<II", head)
-            if magic != RECORDIO_MAGIC: raise IntegrityError(f"{self.rec}: record {key} at byte offset {off}: bad magic 0x{magic:08X} (expected 0x{RECORDIO_MAGIC:08X}); the .rec is corrupt or the .idx belongs to another file")
+            if magic != RECORDIO_MAGIC:
+                raise IntegrityError(f"{self.rec}: record {key} at byte offset {off}: bad magic 0x{magic:08X} "
+                                     f"(expected 0x{RECORDIO_MAGIC:08X}); the .rec is corrupt or the .idx belongs to "
+                                     "another file")
             cflag, n = lrec >> 29, lrec & ((1 << 29) - 1)
-            if cflag > 3: raise IntegrityError(f"{self.rec}: record {key} at byte offset {off}: invalid cflag {cflag}; the file is corrupt")
+            if cflag > 3:
+                raise IntegrityError(f"{self.rec}: record {key} at byte offset {off}: invalid cflag {cflag}; the file "
+                                     "is corrupt")
             data = os.pread(fd, n, off + 8)
-            if len(data) < n: raise IntegrityError(f"{self.rec}: record {key} is truncated at byte offset {off}: needs {n} payload bytes, only {len(data)} left; re-download the .rec")
-            if out and cflag not in (2, 3): raise IntegrityError(f"{self.rec}: record {key}: part at byte offset {off} has cflag {cflag}, expected a continuation (2 or 3); the file is corrupt")
+            if len(data) < n:
+                raise IntegrityError(f"{self.rec}: record {key} is truncated at byte offset {off}: needs {n} payload "
+                                     f"bytes, only {len(data)} left; re-download the .rec")
+            if out and cflag not in (2, 3):
+                raise IntegrityError(f"{self.rec}: record {key}: part at byte offset {off} has cflag {cflag}, expected "
+                                     "a continuation (2 or 3); the file is corrupt")
             out.append(data)
             off += 8 + n + (-n % 4)
             if cflag in (0, 3): break
@@ -146,9 +166,10 @@ class RecordIOReader:
         return unpack_record(self.read(key), f"{self.rec} record {key}")
 
 # %% ../nbs/01b_benchmarks.ipynb #4bc1532b
-MS1M_LAYOUT = "root/train.rec + root/train.idx (+ root/property) — the insightface RecordIO folder of MS1MV3 (ms1m-retinaface-t1)"
-MS1M_WHERE = ("the insightface dataset zoo (github.com/deepinsight/insightface, recognition/_datasets_: 'MS1MV3' / ms1m-retinaface-t1); "
-              "accept its licence terms, unzip, and pass root=<that folder>")
+MS1M_LAYOUT = ("root/train.rec + root/train.idx (+ root/property) — the insightface RecordIO folder of MS1MV3 "
+               "(ms1m-retinaface-t1)")
+MS1M_WHERE = ("the insightface dataset zoo (github.com/deepinsight/insightface, recognition/_datasets_: 'MS1MV3' / "
+              "ms1m-retinaface-t1); accept its licence terms, unzip, and pass root=<that folder>")
 
 class RecordIODataset(ImageDataset):
     "Images and classes of an insightface RecordIO pair; JPEGs decoded to RGB with Pillow"
@@ -173,13 +194,15 @@ class RecordIODataset(ImageDataset):
             if lrec >> 29 == 0 and (lrec & ((1 << 29) - 1)) >= 32:
                 flag, lab = struct.unpack_from("<If", b, 8)
                 return lab if flag == 0 else struct.unpack_from("<f", b, 32)[0]
-        flag, lab, *_ = r.header(key)                             # multi-part or unusual: the full read (raises on corruption)
+        # multi-part or unusual: the full read (raises on corruption)
+        flag, lab, *_ = r.header(key)
         return float(lab) if flag == 0 else float(lab[0])
 
     def _labels(self, ident, cache: bool) -> np.ndarray:
         r = self.reader
         st, si = r.rec.stat(), r.idx_path.stat()
-        tag = sha256_bytes(canonical_json([str(r.rec.resolve()), st.st_size, st.st_mtime_ns, si.st_size, si.st_mtime_ns]).encode())[:16]
+        tag = sha256_bytes(canonical_json([str(r.rec.resolve()), st.st_size, st.st_mtime_ns, si.st_size,
+                                           si.st_mtime_ns]).encode())[:16]
         cf = data_home()/"recordio"/f"labels-{tag}.npy"
         if cache and cf.exists():
             lab = np.load(cf, allow_pickle=False)
@@ -205,16 +228,19 @@ class RecordIODataset(ImageDataset):
 def load_ms1mv3_rec(root=None, size=None, rec: str = "train.rec") -> RecordIODataset:
     "MS1MV3 (or any insightface RecordIO folder): `root/train.rec` + `root/train.idx`"
     root = _need_dir(root, "ms1mv3_rec", MS1M_LAYOUT, MS1M_WHERE)
-    _need_file(root/rec, "ms1mv3_rec", MS1M_LAYOUT, MS1M_WHERE); _need_file((root/rec).with_suffix(".idx"), "ms1mv3_rec", MS1M_LAYOUT, MS1M_WHERE)
+    _need_file(root/rec, "ms1mv3_rec", MS1M_LAYOUT, MS1M_WHERE)
+    _need_file((root/rec).with_suffix(".idx"), "ms1mv3_rec", MS1M_LAYOUT, MS1M_WHERE)
     return RecordIODataset(root/rec, name="ms1mv3", size=size)
 
 # %% ../nbs/01b_benchmarks.ipynb #50b904e1
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                             [70.7299, 92.2041]], dtype=np.float64)
 
 def similarity_transform(src, dst) -> np.ndarray:
     "2×3 matrix M of the least-squares similarity x ↦ M[:, :2] x + M[:, 2] mapping points `src` onto `dst` (Umeyama)"
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    check(src.shape == dst.shape and src.ndim == 2 and src.shape[1] == 2 and len(src) >= 2, f"need two matching N×2 point arrays, got {src.shape} and {dst.shape}")
+    check(src.shape == dst.shape and src.ndim == 2 and src.shape[1] == 2 and len(src) >= 2,
+          f"need two matching N×2 point arrays, got {src.shape} and {dst.shape}")
     ms, md = src.mean(0), dst.mean(0)
     s, d = src - ms, dst - md
     var = (s ** 2).sum(1).mean()
@@ -232,39 +258,50 @@ def align_face(img, landmarks, size: int = 112) -> torch.Tensor:
     M = similarity_transform(np.asarray(landmarks, np.float64).reshape(5, 2), ARCFACE_TEMPLATE * (size / 112.0))
     inv = np.linalg.inv(np.vstack([M, [0, 0, 1]]))[:2]            # PIL wants output → input coefficients
     a, b, c = inv[0]; d, e, f = inv[1]
-    c, f = c + 0.5 - 0.5 * (a + b), f + 0.5 - 0.5 * (d + e)        # PIL samples at pixel corners; cv2 (insightface) at centres
-    out = img.convert("RGB").transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f), resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    # PIL samples at pixel corners; cv2 (insightface) at centres
+    c, f = c + 0.5 - 0.5 * (a + b), f + 0.5 - 0.5 * (d + e)
+    out = img.convert("RGB").transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                                       resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 # %% ../nbs/01b_benchmarks.ipynb #936698df
 IJBC_LAYOUT = ("IJBC/loose_crop/<image>.jpg; IJBC/meta/ijbc_face_tid_mid.txt ('<image> <template_id> <media_id>'), "
                "IJBC/meta/ijbc_template_pair_label.txt ('<t1> <t2> <label>'), IJBC/meta/ijbc_name_5pts_score.txt "
                "('<image> x1 y1 … x5 y5 <score>'), optional IJBC/meta/ijbc_1N_{gallery_G1,gallery_G2,probe_mixed}.csv")
-IJBC_WHERE = ("NIST IJB-C (request access from NIST), in the insightface evaluation layout (recognition/_evaluation_/ijb in "
-              "github.com/deepinsight/insightface); pass root=<folder containing IJBC/> or the IJBC folder itself")
+IJBC_WHERE = ("NIST IJB-C (request access from NIST), in the insightface evaluation layout "
+              "(recognition/_evaluation_/ijb in github.com/deepinsight/insightface); pass root=<folder containing "
+              "IJBC/> or the IJBC folder itself")
 
 class IJBCDataset(FileImageDataset):
     "IJB-C loose crops, aligned to 112×112 with their 5 landmarks; label = template id"
     def __init__(self, root: Path, size: int = 112, align: bool = True):
         self.root, self.meta_dir, self.align = root, root/"meta", align
-        def rows(fn): return [ln.split() for ln in _need_file(self.meta_dir/fn, "ijbc", IJBC_LAYOUT, IJBC_WHERE).read_text().splitlines() if ln.strip()]
+        def rows(fn):
+            return [ln.split() for ln in _need_file(self.meta_dir/fn, "ijbc", IJBC_LAYOUT,
+                                                    IJBC_WHERE).read_text().splitlines() if ln.strip()]
         tid = rows("ijbc_face_tid_mid.txt")
         lmk = {r[0]: r[1:] for r in rows("ijbc_name_5pts_score.txt")}
         miss = [r[0] for r in tid if r[0] not in lmk]
-        if miss: raise IntegrityError(f"ijbc: {len(miss)} images of ijbc_face_tid_mid.txt have no landmarks in ijbc_name_5pts_score.txt (e.g. {miss[0]}); the meta files do not belong together")
+        if miss:
+            raise IntegrityError(f"ijbc: {len(miss)} images of ijbc_face_tid_mid.txt have no landmarks in "
+                                 f"ijbc_name_5pts_score.txt (e.g. {miss[0]}); the meta files do not belong together")
         bad = [k for k, v in lmk.items() if len(v) != 11]
-        if bad: raise IntegrityError(f"ijbc: ijbc_name_5pts_score.txt line for {bad[0]} has {len(lmk[bad[0]])} numbers, expected 11 (x1 y1 … x5 y5 score)")
+        if bad:
+            raise IntegrityError(f"ijbc: ijbc_name_5pts_score.txt line for {bad[0]} has {len(lmk[bad[0]])} numbers, "
+                                 "expected 11 (x1 y1 … x5 y5 score)")
         self.landmarks = np.array([[float(v) for v in lmk[r[0]][:10]] for r in tid]).reshape(-1, 5, 2)
         names = [r[0] for r in tid]
         super().__init__([root/"loose_crop"/n for n in names], [int(r[1]) for r in tid], names, "ijbc", size=None,
-                         meta={"template": np.array([int(r[1]) for r in tid]), "media": np.array([int(r[2]) for r in tid]),
+                         meta={"template": np.array([int(r[1]) for r in tid]),
+                               "media": np.array([int(r[2]) for r in tid]),
                                "det_score": np.array([float(lmk[r[0]][10]) for r in tid])})
         self.out_size = size
 
     def load_image(self, i):
         from PIL import Image
         p = self.paths[i]
-        if not p.exists(): raise NotFoundError(f"ijbc: image {self.keys[i]} is missing: {p}. Expected layout: {IJBC_LAYOUT}")
+        if not p.exists():
+            raise NotFoundError(f"ijbc: image {self.keys[i]} is missing: {p}. Expected layout: {IJBC_LAYOUT}")
         with Image.open(p) as im:
             return align_face(im, self.landmarks[i], self.out_size) if self.align else _pil_to_tensor(im, self.out_size)
 
@@ -280,7 +317,8 @@ class IJBCDataset(FileImageDataset):
         "The 1:N protocol: {'G1', 'G2', 'probe'} → int64 arrays of unique (template_id, subject_id) rows"
         import pandas as pd
         out = {}
-        for k, fn in (("G1", "ijbc_1N_gallery_G1.csv"), ("G2", "ijbc_1N_gallery_G2.csv"), ("probe", "ijbc_1N_probe_mixed.csv")):
+        for k, fn in (("G1", "ijbc_1N_gallery_G1.csv"), ("G2", "ijbc_1N_gallery_G2.csv"),
+                      ("probe", "ijbc_1N_probe_mixed.csv")):
             df = pd.read_csv(_need_file(self.meta_dir/fn, "ijbc", IJBC_LAYOUT, IJBC_WHERE))
             out[k] = df.iloc[:, :2].astype(np.int64).drop_duplicates().to_numpy()
         return out
@@ -295,7 +333,8 @@ def load_ijbc(root=None, size: int = 112, align: bool = True) -> IJBCDataset:
 # %% ../nbs/01b_benchmarks.ipynb #3c38f246
 GLDV2_LAYOUT = ("root/train_clean.csv (or train.csv), root/index.csv, root/test.csv, root/retrieval_solution_v2.1.csv, "
                 "images at root/<train|index|test>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg")
-GLDV2_WHERE = "github.com/cvdfoundation/google-landmark (download scripts for the train/index/test tar files and CSVs; CC-BY licences per image)"
+GLDV2_WHERE = ("github.com/cvdfoundation/google-landmark (download scripts for the train/index/test tar files and "
+               "CSVs; CC-BY licences per image)")
 
 def gldv2_path(root, split: str, image_id: str) -> Path:
     return Path(root)/split/image_id[0]/image_id[1]/image_id[2]/f"{image_id}.jpg"
@@ -308,12 +347,14 @@ def load_gldv2(root=None, split: str = "train", clean: bool = True, size=None) -
     root = _need_dir(root, "gldv2", GLDV2_LAYOUT, GLDV2_WHERE)
     if split == "train":
         if clean:
-            df = pd.read_csv(_need_file(root/"train_clean.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE), dtype={"landmark_id": np.int64, "images": str})
+            df = pd.read_csv(_need_file(root/"train_clean.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE),
+                             dtype={"landmark_id": np.int64, "images": str})
             ids, labels = [], []
             for lid, imgs in zip(df["landmark_id"], df["images"]):
                 for i in str(imgs).split(): ids.append(i); labels.append(int(lid))
         else:
-            df = pd.read_csv(_need_file(root/"train.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE), dtype={"id": str, "landmark_id": np.int64})
+            df = pd.read_csv(_need_file(root/"train.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE),
+                             dtype={"id": str, "landmark_id": np.int64})
             ids, labels = df["id"].tolist(), df["landmark_id"].tolist()
         return FileImageDataset([gldv2_path(root, "train", i) for i in ids], labels, ids, "gldv2-train", size=size)
     df = pd.read_csv(_need_file(root/f"{split}.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE), dtype=str)
@@ -321,18 +362,23 @@ def load_gldv2(root=None, split: str = "train", clean: bool = True, size=None) -
     meta = {}
     relevant = None
     if split == "test":
-        sol = pd.read_csv(_need_file(root/"retrieval_solution_v2.1.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE), dtype=str).fillna("")
+        sol = pd.read_csv(_need_file(root/"retrieval_solution_v2.1.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE),
+                          dtype=str).fillna("")
         index_ids = pd.read_csv(_need_file(root/"index.csv", "gldv2", GLDV2_LAYOUT, GLDV2_WHERE), dtype=str).iloc[:, 0]
         ipos = {k: j for j, k in enumerate(index_ids)}
-        gt = {r.id: (r.Usage, [ipos[x] for x in r.images.split() if x in ipos] if r.Usage != "Ignored" else []) for r in sol.itertuples()}
+        gt = {r.id: (r.Usage,
+                     [ipos[x] for x in r.images.split() if x in ipos] if r.Usage != "Ignored" else [])
+              for r in sol.itertuples()}
         relevant = [gt.get(i, ("Ignored", []))[1] for i in ids]
         meta["usage"] = np.array([gt.get(i, ("Ignored", []))[0] for i in ids])
-    ds = FileImageDataset([gldv2_path(root, split, i) for i in ids], [-1] * len(ids), ids, f"gldv2-{split}", size=size, meta=meta)
+    ds = FileImageDataset([gldv2_path(root, split, i) for i in ids], [-1] * len(ids), ids, f"gldv2-{split}", size=size,
+                          meta=meta)
     ds.relevant = relevant
     return ds
 
 # %% ../nbs/01b_benchmarks.ipynb #339b72b2
-_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"),
                   ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -340,7 +386,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if self.allow_numpy and (module, name) in _NUMPY_GLOBALS: return super().find_class(module, name)
         hint = " (NumPy arrays: pass allow_numpy=True)" if module.startswith("numpy") else ""
-        raise IntegrityError(f"refusing to unpickle global {module}.{name}: ground-truth files may only hold dicts, lists, strings and numbers{hint}")
+        raise IntegrityError(f"refusing to unpickle global {module}.{name}: ground-truth files may only hold dicts, "
+                             f"lists, strings and numbers{hint}")
 
 def safe_load_pickle(path, allow_numpy: bool = False):
     "Unpickle builtin containers and numbers only (optionally NumPy arrays); any other global is refused"
@@ -348,7 +395,8 @@ def safe_load_pickle(path, allow_numpy: bool = False):
     with open(path, "rb") as f:
         u = _RestrictedUnpickler(f, encoding="latin1"); u.allow_numpy = allow_numpy
         try: return u.load()
-        except (pickle.UnpicklingError, EOFError) as e: raise IntegrityError(f"{path} is not a valid pickle ({e}); re-download it") from None
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise IntegrityError(f"{path} is not a valid pickle ({e}); re-download it") from None
 
 REVISITED_LAYOUT = "root/gnd_{name}.pkl and root/jpg/<image>.jpg (revisitop layout: data/datasets/{name}/)"
 REVISITED_WHERE = ("github.com/filipradenovic/revisitop (download.py fetches the images and gnd_{name}.pkl); "
@@ -360,14 +408,18 @@ def _load_revisited(name: str, root, split: str, size, allow_numpy: bool) -> Fil
     root = _need_dir(root, name, lay, where)
     g = safe_load_pickle(_need_file(root/f"gnd_{name}.pkl", name, lay, where), allow_numpy)
     if not isinstance(g, dict) or not {"imlist", "qimlist", "gnd"} <= set(g):
-        raise IntegrityError(f"{name}: gnd_{name}.pkl lacks imlist/qimlist/gnd; it is not a revisitop ground-truth file")
+        raise IntegrityError(f"{name}: gnd_{name}.pkl lacks imlist/qimlist/gnd; it is not a revisitop ground-truth "
+                             "file")
     if split == "db":
-        ds = FileImageDataset([root/"jpg"/f"{n}.jpg" for n in g["imlist"]], [-1] * len(g["imlist"]), list(g["imlist"]), f"{name}-db", size=size)
+        ds = FileImageDataset([root/"jpg"/f"{n}.jpg" for n in g["imlist"]], [-1] * len(g["imlist"]), list(g["imlist"]),
+                              f"{name}-db", size=size)
     else:
         boxes = [tuple(int(round(float(v))) for v in q["bbx"]) for q in g["gnd"]]
-        ds = FileImageDataset([root/"jpg"/f"{n}.jpg" for n in g["qimlist"]], list(range(len(g["qimlist"]))), list(g["qimlist"]),
+        ds = FileImageDataset([root/"jpg"/f"{n}.jpg" for n in g["qimlist"]], list(range(len(g["qimlist"]))),
+                              list(g["qimlist"]),
                               f"{name}-query", size=size, boxes=boxes)
-    ds.gnd = [{k: (list(map(int, v)) if k in ("easy", "hard", "junk") else [float(x) for x in v]) for k, v in q.items()} for q in g["gnd"]]
+    ds.gnd = [{k: (list(map(int, v)) if k in ("easy", "hard", "junk") else [float(x) for x in v])
+               for k, v in q.items()} for q in g["gnd"]]
     return ds
 
 @DATASETS.register("roxford5k")
@@ -382,7 +434,8 @@ def load_rparis6k(root=None, split: str = "db", size=None, allow_numpy: bool = F
 
 # %% ../nbs/01b_benchmarks.ipynb #76f25e33
 MARKET_LAYOUT = "root/bounding_box_train/, root/query/, root/bounding_box_test/ with files PPPP_cCsS_FFFFFF_BB.jpg"
-MARKET_WHERE = "the Market-1501 release (Zheng et al., ICCV 2015; e.g. Market-1501-v15.09.15.zip from the authors' page)"
+MARKET_WHERE = ("the Market-1501 release (Zheng et al., ICCV 2015; e.g. Market-1501-v15.09.15.zip from the authors' "
+                "page)")
 _MARKET_RE = re.compile(r"([-\d]+)_c(\d)")
 
 @DATASETS.register("market1501")
@@ -391,7 +444,8 @@ def load_market1501(root=None, split: str = "train", size=None) -> FileImageData
     check_choice("split", split, ["train", "query", "gallery"])
     root = _need_dir(root, "market1501", MARKET_LAYOUT, MARKET_WHERE)
     if (root/"Market-1501-v15.09.15").is_dir(): root = root/"Market-1501-v15.09.15"
-    folder = _need_file(root/{"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}[split], "market1501", MARKET_LAYOUT, MARKET_WHERE)
+    folder = _need_file(root/{"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}[split],
+                        "market1501", MARKET_LAYOUT, MARKET_WHERE)
     paths, pids, cams = [], [], []
     for f in sorted(folder.glob("*.jpg")):
         m = _MARKET_RE.match(f.name)
@@ -399,7 +453,9 @@ def load_market1501(root=None, split: str = "train", size=None) -> FileImageData
         pid, cam = int(m.group(1)), int(m.group(2))
         if pid == -1 and split != "query": continue
         paths.append(f); pids.append(pid); cams.append(cam)
-    if not paths: raise NotFoundError(f"market1501: no PPPP_cC*.jpg files in {folder}. Expected layout: {MARKET_LAYOUT}")
+    if not paths:
+        raise NotFoundError(f"market1501: no PPPP_cC*.jpg files in {folder}. Expected layout: {MARKET_LAYOUT}")
     pids = np.array(pids, dtype=np.int64)
     labels = np.searchsorted(np.unique(pids), pids) if split == "train" else pids
-    return FileImageDataset(paths, labels, [p.name for p in paths], f"market1501-{split}", size=size, meta={"pid": pids, "camid": np.array(cams)})
+    return FileImageDataset(paths, labels, [p.name for p in paths], f"market1501-{split}", size=size,
+                            meta={"pid": pids, "camid": np.array(cams)})

@@ -31,7 +31,8 @@ class ImageDataset(torch.utils.data.Dataset):
         labels = np.asarray(labels)
         if labels.ndim != 1: raise ConfigError(f"{name}: labels must be a 1-D array, got shape {labels.shape}")
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            if not np.all(np.equal(np.mod(labels, 1), 0)): raise ConfigError(f"{name}: labels must be integer class ids")
+            if not np.all(np.equal(np.mod(labels, 1), 0)):
+                raise ConfigError(f"{name}: labels must be integer class ids")
         self.labels = labels.astype(np.int64)
         self.keys = [str(k) for k in keys] if keys is not None else [str(i) for i in range(len(self.labels))]
         if len(self.keys) != len(self.labels):
@@ -39,7 +40,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.name = name
         self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
         for k, v in self.meta.items():
-            if len(v) != len(self.labels): raise ConfigError(f"{name}: meta[{k!r}] has {len(v)} entries for {len(self.labels)} images")
+            if len(v) != len(self.labels):
+                raise ConfigError(f"{name}: meta[{k!r}] has {len(v)} entries for {len(self.labels)} images")
 
     def __len__(self) -> int: return len(self.labels)
 
@@ -70,14 +72,17 @@ class ImageDataset(torch.utils.data.Dataset):
         need = first.numel() * len(self)
         if need > max_bytes:
             raise ConfigError(f"{self.name}: {len(self)} images of {tuple(first.shape)} need {need/2**30:.1f} GiB "
-                              f"(> max_bytes={max_bytes/2**30:.1f} GiB). Use a DataLoader over the dataset instead, or raise max_bytes.")
+                              f"(> max_bytes={max_bytes/2**30:.1f} GiB). Use a DataLoader over the dataset instead, or "
+                              "raise max_bytes.")
         out = torch.empty((len(self), *first.shape), dtype=torch.uint8)
-        it = progress(range(len(self)), desc=f"stack {self.name}", leave=False) if len(self) >= 5000 else range(len(self))
+        it = (progress(range(len(self)), desc=f"stack {self.name}", leave=False) if len(self) >= 5000
+              else range(len(self)))
         for i in it:
             im = first if i == 0 else self.load_image(i)
             if im.shape != first.shape:
-                raise ConfigError(f"{self.name}: image {i} ({self.keys[i]}) is {tuple(im.shape)}, image 0 is {tuple(first.shape)}; "
-                                  "images must share one size to be stacked. Pass size=... to the loader to resize them.")
+                raise ConfigError(f"{self.name}: image {i} ({self.keys[i]}) is {tuple(im.shape)}, image 0 is "
+                                  f"{tuple(first.shape)}; images must share one size to be stacked. Pass size=... to "
+                                  "the loader to resize them.")
             out[i] = im
         return out
 
@@ -108,9 +113,12 @@ class SubsetDataset(ImageDataset):
 # %% ../nbs/01_data.ipynb #31608f0d
 def _to_uint8_chw(images) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if x.dtype != torch.uint8: raise ConfigError(f"images must be uint8 (0…255), got {x.dtype}; convert with (x*255).round().clamp(0,255).to(torch.uint8)")
+    if x.dtype != torch.uint8:
+        raise ConfigError(f"images must be uint8 (0…255), got {x.dtype}; convert with "
+                          "(x*255).round().clamp(0,255).to(torch.uint8)")
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ConfigError(f"images must be N×3×H×W RGB, got shape {tuple(x.shape)} (N×H×W×3 arrays: use x.permute(0, 3, 1, 2))")
+        raise ConfigError(f"images must be N×3×H×W RGB, got shape {tuple(x.shape)} "
+                          "(N×H×W×3 arrays: use x.permute(0, 3, 1, 2))")
     return x.contiguous()
 
 class ArrayDataset(ImageDataset):
@@ -139,17 +147,21 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/01_data.ipynb #73e85cc6
 class BatchAugment:
     "Batch-level torch augmentation: flip, random resized crop, colour jitter, then `normalize`"
-    def __init__(self, flip: bool = True, rrc_scale: tuple | None = (0.7, 1.0), rrc_ratio: tuple = (3/4, 4/3), jitter: float = 0.2):
+    def __init__(self, flip: bool = True, rrc_scale: tuple | None = (0.7, 1.0), rrc_ratio: tuple = (3/4, 4/3),
+                 jitter: float = 0.2):
         if rrc_scale is not None:
             rrc_scale = tuple(float(v) for v in rrc_scale)
             check(len(rrc_scale) == 2 and 0 < rrc_scale[0] <= rrc_scale[1] <= 1,
-                  f"rrc_scale={rrc_scale} must be (lo, hi) with 0 < lo <= hi <= 1 (area fractions), or None to turn cropping off")
+                  f"rrc_scale={rrc_scale} must be (lo, hi) with 0 < lo <= hi <= 1 (area fractions), or None to turn "
+                  "cropping off")
         rrc_ratio = tuple(float(v) for v in rrc_ratio)
-        check(len(rrc_ratio) == 2 and 0 < rrc_ratio[0] <= rrc_ratio[1], f"rrc_ratio={rrc_ratio} must be (lo, hi) with 0 < lo <= hi, e.g. (3/4, 4/3)")
+        check(len(rrc_ratio) == 2 and 0 < rrc_ratio[0] <= rrc_ratio[1],
+              f"rrc_ratio={rrc_ratio} must be (lo, hi) with 0 < lo <= hi, e.g. (3/4, 4/3)")
         check_range("jitter", jitter, 0, 1, hi_open=True)
         self.flip, self.rrc_scale, self.rrc_ratio, self.jitter = bool(flip), rrc_scale, rrc_ratio, float(jitter)
 
-    def config(self) -> dict: return {"flip": self.flip, "rrc_scale": self.rrc_scale, "rrc_ratio": self.rrc_ratio, "jitter": self.jitter}
+    def config(self) -> dict:
+        return {"flip": self.flip, "rrc_scale": self.rrc_scale, "rrc_ratio": self.rrc_ratio, "jitter": self.jitter}
     def __repr__(self): return f"BatchAugment({', '.join(f'{k}={v}' for k, v in self.config().items())})"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None):
@@ -247,17 +259,20 @@ class Split:
             cls, cnt = np.unique(self.labels, return_counts=True)
             single = np.isin(self.labels[shared], cls[cnt == 1])
             if not single.all() or shared.size != self.singleton_classes:
-                raise IntegrityError("open-data split shares images between old and new other than single-image classes")
+                raise IntegrityError("open-data split shares images between old and new other than single-image "
+                                     "classes")
         return True
 
     def hash(self, n: int = 12) -> str:
         "Short stable hash of the split's content (what each model trains on and the test set)"
-        return sha256_bytes(canonical_json({w: [self.keys[i] for i in self.indices(w)] for w in SPLIT_PARTS}).encode())[:n]
+        return sha256_bytes(canonical_json({w: [self.keys[i] for i in self.indices(w)]
+                                            for w in SPLIT_PARTS}).encode())[:n]
 
     def __repr__(self):
         c = self.counts()
-        return (f"Split({self.scenario}, seed={self.seed}, r={self.old_ratio}, test={c['test']['classes']} cls/{c['test']['images']} img, "
-                f"old={c['old']['classes']}/{c['old']['images']}, new={c['new']['classes']}/{c['new']['images']})")
+        return (f"Split({self.scenario}, seed={self.seed}, r={self.old_ratio}, test={c['test']['classes']} "
+                f"cls/{c['test']['images']} img, old={c['old']['classes']}/{c['old']['images']}, "
+                f"new={c['new']['classes']}/{c['new']['images']})")
 
 # %% ../nbs/01_data.ipynb #ce8fdafc
 def _class_order(classes: np.ndarray, order: str, seed: int) -> np.ndarray:
@@ -286,7 +301,8 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
     check_range("test_ratio", test_ratio, 0, 1, hi_open=True)
     check_choice("order", order, ["seeded", "id", "oc"]); check_choice("rule", rule, ["mx", "oc"])
     check_choice("within", within, ["seeded", "key"]); check_choice("singletons", singletons, ["both", "error"])
-    check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0, f"seed={seed!r} must be a non-negative integer")
+    check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0,
+          f"seed={seed!r} must be a non-negative integer")
     labels = np.asarray(labels)
     check(labels.ndim == 1 and labels.size > 0, f"labels must be a non-empty 1-D array, got shape {labels.shape}")
     check(np.issubdtype(labels.dtype, np.integer), f"labels must be integer class ids, got dtype {labels.dtype}")
@@ -299,14 +315,17 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
     # 1. held-out test classes
     n_test = _floor_frac(test_ratio, C)
     if test_ratio > 0 and n_test == 0:
-        raise ConfigError(f"test_ratio={test_ratio} of {C} classes is 0 classes; use a larger test_ratio or more classes, or test_ratio=0 if the dataset has its own test set")
+        raise ConfigError(f"test_ratio={test_ratio} of {C} classes is 0 classes; use a larger test_ratio or more "
+                          "classes, or test_ratio=0 if the dataset has its own test set")
     test_cls = np.sort(np.random.default_rng(int(seed) + 1).permutation(classes)[:n_test])
     rest = np.setdiff1d(classes, test_cls)
     # 2. class split
     n_old = _floor_frac(old_ratio, len(rest))
     if n_old < 1 or n_old >= len(rest):
-        raise ConfigError(f"old_ratio={old_ratio} of the {len(rest)} training classes gives {n_old} old classes; need at least 1 old and 1 new class. "
-                          f"Use a dataset with more classes (≥ {math.ceil(1 / min(old_ratio, 1 - old_ratio)) + 1} after the test carve-out), or change old_ratio/test_ratio.")
+        raise ConfigError(f"old_ratio={old_ratio} of the {len(rest)} training classes gives {n_old} old classes; need "
+                          "at least 1 old and 1 new class. Use a dataset with more classes (≥ "
+                          f"{math.ceil(1 / min(old_ratio, 1 - old_ratio)) + 1} after the test carve-out), or change "
+                          "old_ratio/test_ratio.")
     old_cls = np.sort(_class_order(rest, order, int(seed))[:n_old])
     is_test, is_old_cls = np.isin(labels, test_cls), np.isin(labels, old_cls)
     train_pos = np.flatnonzero(~is_test)
@@ -319,8 +338,9 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
     singles = lab_sorted[starts[(ends - starts) == 1]].tolist()
     if scenario.endswith("-data"):
         if singles and singletons == "error":
-            raise ConfigError(f"{len(singles)} training classes have a single image (e.g. global labels {singles[:5]}) and cannot be split by data. "
-                              "Pass singletons='both' (the image goes to both sets) or drop those classes first.")
+            raise ConfigError(f"{len(singles)} training classes have a single image (e.g. global labels {singles[:5]}) "
+                              "and cannot be split by data. Pass singletons='both' (the image goes to both sets) or "
+                              "drop those classes first.")
         o, n = [], []
         for a0, b0 in zip(starts, ends):
             a, b = _data_split(pos_sorted[a0:b0], int(lab_sorted[a0]), old_ratio, rule, within, int(seed))
@@ -337,7 +357,8 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
 
 # %% ../nbs/01_data.ipynb #9612bbb0
 def _key_sort(keys: list) -> np.ndarray:
-    if keys and all(re.fullmatch(r"-?\d+", k) for k in keys): return np.argsort(np.array([int(k) for k in keys]), kind="stable")
+    if keys and all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return np.argsort(np.array([int(k) for k in keys]), kind="stable")
     return np.argsort(np.array(keys, dtype=object), kind="stable")
 
 def _save_split(self: Split, dir, name: str) -> Path:
@@ -352,23 +373,30 @@ def _save_split(self: Split, dir, name: str) -> Path:
         fn = f"{name}.{w}.tsv"
         atomic_write(dir/fn, text.encode("utf-8"))
         files[w] = {"file": fn, "sha256": sha256_bytes(text.encode("utf-8"))}
-    man = {"format": "bctnb-split/1", "name": name, "scenario": self.scenario, "seed": self.seed, "old_ratio": self.old_ratio,
-           "test_ratio": self.test_ratio, "order": self.order, "rule": self.rule, "within": self.within, "singletons": self.singletons,
-           "input": {"images": len(self.labels), "classes": int(len(np.unique(self.labels))), "sha256": _listing_sha(self.keys, self.labels),
+    man = {"format": "bctnb-split/1", "name": name, "scenario": self.scenario, "seed": self.seed,
+           "old_ratio": self.old_ratio,
+           "test_ratio": self.test_ratio, "order": self.order, "rule": self.rule, "within": self.within,
+           "singletons": self.singletons,
+           "input": {"images": len(self.labels), "classes": int(len(np.unique(self.labels))),
+                     "sha256": _listing_sha(self.keys, self.labels),
                      "keys_are_positions": self.keys == [str(i) for i in range(len(self.keys))]},
-           "counts": self.counts(), "singleton_classes": self.singleton_classes, "split_hash": self.hash(), "files": files}
+           "counts": self.counts(), "singleton_classes": self.singleton_classes, "split_hash": self.hash(),
+           "files": files}
     save_json(dir/f"{name}.json", man)
     return dir/f"{name}.json"
 
 def _load_split(cls, dir, name: str | None = None, keys=None) -> Split:
     dir = Path(dir)
     if name is None and dir.suffix == ".json": dir, name = dir.parent, dir.stem
-    if name is None: raise ConfigError("Split.load needs the split's name: Split.load(dir, name) or Split.load('dir/name.json')")
+    if name is None:
+        raise ConfigError("Split.load needs the split's name: Split.load(dir, name) or Split.load('dir/name.json')")
     man = load_json(dir/f"{name}.json", "split manifest")
-    if man.get("format") != "bctnb-split/1": raise IntegrityError(f"{dir/name}.json is not a bctnb split manifest (format={man.get('format')!r})")
+    if man.get("format") != "bctnb-split/1":
+        raise IntegrityError(f"{dir/name}.json is not a bctnb split manifest (format={man.get('format')!r})")
     if keys is None:
         if not man["input"]["keys_are_positions"]:
-            raise ConfigError(f"split {name} was made with dataset keys; pass keys=dataset.keys to Split.load so rows map back to positions")
+            raise ConfigError(f"split {name} was made with dataset keys; pass keys=dataset.keys to Split.load so rows "
+                              "map back to positions")
         keys = [str(i) for i in range(man["input"]["images"])]
     keys = [str(k) for k in keys]
     pos_of = {k: i for i, k in enumerate(keys)}
@@ -376,20 +404,27 @@ def _load_split(cls, dir, name: str | None = None, keys=None) -> Split:
     parts = {}
     for w in SPLIT_PARTS:
         f = dir/man["files"][w]["file"]
-        if not f.exists(): raise NotFoundError(f"split file {f} is missing; re-create the split with make_split(...).save({str(dir)!r}, {name!r})")
+        if not f.exists():
+            raise NotFoundError(f"split file {f} is missing; re-create the split with "
+                                f"make_split(...).save({str(dir)!r}, {name!r})")
         raw = f.read_bytes()
         if sha256_bytes(raw) != man["files"][w]["sha256"]:
-            raise IntegrityError(f"{f} does not match the sha256 in {name}.json (edited or truncated); re-create the split with make_split(...).save(...)")
+            raise IntegrityError(f"{f} does not match the sha256 in {name}.json (edited or truncated); re-create the "
+                                 "split with make_split(...).save(...)")
         idx = []
         for line in raw.decode("utf-8").splitlines():
             k, g, _ = line.split("\t")
-            if k not in pos_of: raise IntegrityError(f"{f}: key {k!r} is not in the dataset given; load the split with the dataset it was made for")
+            if k not in pos_of:
+                raise IntegrityError(f"{f}: key {k!r} is not in the dataset given; load the split with the dataset it "
+                                     "was made for")
             idx.append(pos_of[k]); labels[pos_of[k]] = int(g)
         parts[w] = np.sort(np.asarray(idx, dtype=np.int64))
     if (labels < 0).any() or _listing_sha(keys, labels) != man["input"]["sha256"]:
-        raise IntegrityError(f"split {name} was made for a different dataset listing ({man['input']['images']} images, sha256 {man['input']['sha256'][:12]}…) "
-                             f"than the keys given ({len(keys)} images); pass the keys of the dataset the split was made for")
-    return cls(man["scenario"], man["seed"], man["old_ratio"], man["test_ratio"], parts["test"], parts["old"], parts["new"], labels, keys,
+        raise IntegrityError(f"split {name} was made for a different dataset listing ({man['input']['images']} images, "
+                             f"sha256 {man['input']['sha256'][:12]}…) than the keys given ({len(keys)} images); pass "
+                             "the keys of the dataset the split was made for")
+    return cls(man["scenario"], man["seed"], man["old_ratio"], man["test_ratio"], parts["test"], parts["old"],
+               parts["new"], labels, keys,
                man["order"], man["rule"], man["within"], man["singletons"], man["singleton_classes"])
 
 Split.save = _save_split
@@ -412,12 +447,14 @@ class LazyRegistry(Registry):
     def __contains__(self, name): return name in self._items or name in self.modules
 
     def get(self, name: str):
-        "The entry for `name`, importing the module that registers it on first use; a `ConfigError` listing the valid names if none"
+        ("The entry for `name`, importing the module that registers it on first use; a `ConfigError` listing the valid "
+         "names if none")
         if name not in self._items and name in self.modules:
             importlib.import_module(self.modules[name])            # its @register decorator adds `name`
             if name not in self._items:
-                raise ConfigError(f"{self.kind} '{name}' is listed as registered by {self.modules[name]}, but importing "
-                                  f"{self.modules[name]} did not register it; fix the table or the module's @register name")
+                raise ConfigError(f"{self.kind} '{name}' is listed as registered by {self.modules[name]}, but "
+                                  f"importing {self.modules[name]} did not register it; fix the table or the module's "
+                                  "@register name")
         return super().get(name)
     __getitem__ = get
 
@@ -451,7 +488,8 @@ def load_synthetic(root=None, num_classes: int = 20, per_class: int = 5, size: i
             im = np.where(disc, c2[:, None, None], im) + rng.normal(0, 0.03, (3, 1, 1))
             imgs[c * per_class + j] = np.clip(im * 255 + 0.5, 0, 255).astype(np.uint8)
     labels = np.repeat(np.arange(num_classes), per_class)
-    return ArrayDataset(imgs, labels, [f"{c:04d}_{j}" for c in range(num_classes) for j in range(per_class)], name="synthetic")
+    return ArrayDataset(imgs, labels, [f"{c:04d}_{j}" for c in range(num_classes) for j in range(per_class)],
+                        name="synthetic")
 
 # %% ../nbs/01_data.ipynb #7c322816
 def dataset_args(dataset: str, data_root=None, dataset_kw: dict | None = None) -> tuple[str | None, dict]:
@@ -485,7 +523,8 @@ def decode_image(data: bytes, size=None, what: str = "image") -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im: return _pil_to_tensor(im, size)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise IntegrityError(f"{what}: cannot decode the image bytes ({e}); the file or record is corrupt — re-download or re-create it") from None
+        raise IntegrityError(f"{what}: cannot decode the image bytes ({e}); the file or record is corrupt — "
+                             "re-download or re-create it") from None
 
 class FileImageDataset(ImageDataset):
     "Images read from files on demand, optionally cropped (`boxes`, PIL (x1, y1, x2, y2)) and resized (`size`)"
@@ -493,7 +532,8 @@ class FileImageDataset(ImageDataset):
         self.paths = [Path(p) for p in paths]
         super().__init__(keys if keys is not None else [str(p) for p in self.paths], labels, name, meta)
         self.size, self.boxes = size, boxes
-        if len(self.paths) != len(self.labels): raise ConfigError(f"{name}: {len(self.paths)} paths for {len(self.labels)} labels")
+        if len(self.paths) != len(self.labels):
+            raise ConfigError(f"{name}: {len(self.paths)} paths for {len(self.labels)} labels")
 
     def load_image(self, i):
         from PIL import Image, UnidentifiedImageError
@@ -502,13 +542,18 @@ class FileImageDataset(ImageDataset):
             with Image.open(p) as im:
                 if self.boxes is not None: im = im.crop(tuple(int(v) for v in self.boxes[i]))
                 return _pil_to_tensor(im, self.size)
-        except FileNotFoundError: raise NotFoundError(f"{self.name}: image {i} ({self.keys[i]}) is missing: {p}. Check the dataset layout (see its data card).") from None
-        except (UnidentifiedImageError, OSError) as e: raise IntegrityError(f"{self.name}: cannot decode {p} ({e}); re-download that file") from None
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.name}: image {i} ({self.keys[i]}) is missing: {p}. Check the dataset layout "
+                                "(see its data card).") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise IntegrityError(f"{self.name}: cannot decode {p} ({e}); re-download that file") from None
 
     def subset(self, idx):
         idx = _as_index(idx, len(self), f"subset of {self.name}")
-        return FileImageDataset([self.paths[j] for j in idx], self.labels[idx], [self.keys[j] for j in idx], self.name, self.size,
-                                None if self.boxes is None else [self.boxes[j] for j in idx], {k: v[idx] for k, v in self.meta.items()})
+        return FileImageDataset([self.paths[j] for j in idx], self.labels[idx], [self.keys[j] for j in idx], self.name,
+                                self.size,
+                                None if self.boxes is None else [self.boxes[j] for j in idx],
+                                {k: v[idx] for k, v in self.meta.items()})
 
 def _need_dir(root, dataset: str, layout: str, where: str) -> Path:
     if root is None:
@@ -519,26 +564,31 @@ def _need_dir(root, dataset: str, layout: str, where: str) -> Path:
     return root
 
 def _need_file(path: Path, dataset: str, layout: str, where: str) -> Path:
-    if not path.exists(): raise NotFoundError(f"{dataset}: {path} is missing. Get the data: {where}. Expected layout: {layout}")
+    if not path.exists():
+        raise NotFoundError(f"{dataset}: {path} is missing. Get the data: {where}. Expected layout: {layout}")
     return path
 
 # %% ../nbs/01_data.ipynb #e202f9a4
 FOLDER_LAYOUT = "root/<class_name>/<image>.jpg|png (one sub-folder per class)"
 
 @DATASETS.register("folder")
-def load_folder(root=None, size: int | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, min_images: int = 1) -> FileImageDataset:
+def load_folder(root=None, size: int | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                min_images: int = 1) -> FileImageDataset:
     "Bring-your-own data: `root/<class>/<image>`; labels = rank of the class folder name"
     root = _need_dir(root, "folder", FOLDER_LAYOUT, "your own images, one folder per class")
     exts = tuple(e.lower() for e in extensions)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths, labels, names = [], [], []
     for c in classes:
-        files = sorted(f for f in (root/c).rglob("*") if f.is_file() and f.suffix.lower() in exts and not f.name.startswith("."))
+        files = sorted(f for f in (root/c).rglob("*") if f.is_file() and f.suffix.lower() in exts
+                       and not f.name.startswith("."))
         if len(files) < min_images: continue
         names.append(c)
         paths += files; labels += [len(names) - 1] * len(files)
     if not paths:
-        raise NotFoundError(f"folder: no images found under {root} (extensions {', '.join(exts)}). Expected layout: {FOLDER_LAYOUT}")
-    ds = FileImageDataset(paths, labels, [p.relative_to(root).as_posix() for p in paths], name=f"folder:{root.name}", size=size)
+        raise NotFoundError(f"folder: no images found under {root} (extensions {', '.join(exts)}). Expected layout: "
+                            f"{FOLDER_LAYOUT}")
+    ds = FileImageDataset(paths, labels, [p.relative_to(root).as_posix() for p in paths], name=f"folder:{root.name}",
+                          size=size)
     ds.class_names = names
     return ds

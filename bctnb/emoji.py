@@ -17,16 +17,20 @@ __all__ = ['EMOJI_PACKAGES', 'EMOJI_STYLES', 'EMOJI_DROP_CATEGORIES', 'EMOJI_BUI
 # %% ../nbs/01a_emoji.ipynb #be8e940b
 import numpy as np
 import torch
-from .core import (NotFoundError, IntegrityError, atomic_path, canonical_json, check, check_choice, data_home, load_json,
+from .core import (NotFoundError, IntegrityError, atomic_path, canonical_json, check, check_choice, data_home,
+                        load_json,
                         progress, save_json, sha256_bytes, sha256_file)
 from .data import DATASETS, ArrayDataset
 
 # %% ../nbs/01a_emoji.ipynb #ea87ada2
 EMOJI_PACKAGES = {   # npm package -> (pinned version, sha256 of the registry tarball, artwork licence)
-    "emoji-datasource-google": ("16.0.0", "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438", "Apache-2.0 (Noto Emoji artwork); MIT (emoji-data)"),
-    "emoji-datasource-twitter": ("16.0.0", "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877", "CC-BY-4.0 (Twemoji artwork); MIT (emoji-data)"),
+    "emoji-datasource-google": ("16.0.0", "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438",
+                                "Apache-2.0 (Noto Emoji artwork); MIT (emoji-data)"),
+    "emoji-datasource-twitter": ("16.0.0", "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877",
+                                 "CC-BY-4.0 (Twemoji artwork); MIT (emoji-data)"),
     "openmoji": ("17.0.0", "55ee7d13485dec86e9f38c1f3a645a13382d33ff97c0cd845ee824b0aef45e68", "CC-BY-SA-4.0"),
-    "fluentui-emoji": ("1.3.0", "ec892e607e854859b812c7d827801756adc19955b0ef56d4ae8afcddd19492c5", "MIT (Microsoft Fluent Emoji)"),
+    "fluentui-emoji": ("1.3.0", "ec892e607e854859b812c7d827801756adc19955b0ef56d4ae8afcddd19492c5",
+                       "MIT (Microsoft Fluent Emoji)"),
 }
 EMOJI_STYLES = ("google", "twitter", "openmoji", "openmoji-black", "fluent-flat", "fluent-color")
 EMOJI_DROP_CATEGORIES = ("Flags", "Component")
@@ -53,21 +57,29 @@ def fetch_emoji_packages(root=None, npm: str | None = None, timeout: float = 900
     if not missing: return out
     npm = npm or shutil.which("npm")
     if npm is None:
-        raise NotFoundError(f"emoji: the source packages {', '.join(missing)} are not in {dest} and `npm` is not on PATH. "
-                            f"Install Node.js + npm (e.g. `apt-get install npm`), or on a machine with npm run `{_npm_pack_cmd(dest)}` and copy the .tgz files there.")
+        raise NotFoundError(f"emoji: the source packages {', '.join(missing)} are not in {dest} and `npm` is not on "
+                            "PATH. Install Node.js + npm (e.g. `apt-get install npm`), or on a machine with npm run "
+                            f"`{_npm_pack_cmd(dest)}` and copy the .tgz files there.")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [npm, "pack", *(f"{p}@{EMOJI_PACKAGES[p][0]}" for p in missing), "--pack-destination", tmp, "--silent"]
         try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired: raise NotFoundError(f"emoji: `{' '.join(cmd)}` timed out after {timeout:.0f} s; check the network to the npm registry and retry") from None
+        except subprocess.TimeoutExpired:
+            raise NotFoundError(f"emoji: `{' '.join(cmd)}` timed out after {timeout:.0f} s; check the network to the "
+                                "npm registry and retry") from None
         if p.returncode:
             tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-            raise NotFoundError(f"emoji: `npm pack` failed ({' | '.join(tail)}). Check that the npm registry is reachable, or run `{_npm_pack_cmd(dest)}` elsewhere and copy the .tgz files there.")
+            raise NotFoundError(f"emoji: `npm pack` failed ({' | '.join(tail)}). Check that the npm registry is "
+                                f"reachable, or run `{_npm_pack_cmd(dest)}` elsewhere and copy the .tgz files there.")
         for pkg in missing:
             ver, sha, _ = EMOJI_PACKAGES[pkg]
             f = Path(tmp)/_tgz_name(pkg, ver)
-            if not f.exists(): raise NotFoundError(f"emoji: npm pack did not produce {f.name}; run `{_npm_pack_cmd(dest)}` by hand")
+            if not f.exists():
+                raise NotFoundError(f"emoji: npm pack did not produce {f.name}; run `{_npm_pack_cmd(dest)}` by hand")
             got = sha256_file(f)
-            if got != sha: raise IntegrityError(f"emoji: {f.name} from the registry has sha256 {got[:16]}…, expected {sha[:16]}… (pinned). The package was republished or corrupted in transit; delete {dest} and retry.")
+            if got != sha:
+                raise IntegrityError(f"emoji: {f.name} from the registry has sha256 {got[:16]}…, expected {sha[:16]}… "
+                                     f"(pinned). The package was republished or corrupted in transit; delete {dest} "
+                                     "and retry.")
             os.replace(f, dest/f.name); out[pkg] = dest/f.name
     return out
 
@@ -91,12 +103,15 @@ def _kebab(s: str) -> str:
 
 def emoji_catalogue(tgz: dict) -> tuple[list, dict]:
     "Classes (emoji-datasource order, flags/components dropped) and, per class, each style's source (kind, bytes)"
-    G = _read_tgz(tgz["emoji-datasource-google"], lambda n: n.startswith("package/img/google/64/") or n == "package/emoji.json")
+    G = _read_tgz(tgz["emoji-datasource-google"],
+                  lambda n: n.startswith("package/img/google/64/") or n == "package/emoji.json")
     T = _read_tgz(tgz["emoji-datasource-twitter"], lambda n: n.startswith("package/img/twitter/64/"))
-    O = _read_tgz(tgz["openmoji"], lambda n: n.startswith(("package/color/svg/", "package/black/svg/")) or n == "package/data/openmoji.json")
+    O = _read_tgz(tgz["openmoji"], lambda n: (n.startswith(("package/color/svg/", "package/black/svg/"))
+                                              or n == "package/data/openmoji.json"))
     Fl = _read_tgz(tgz["fluentui-emoji"], lambda n: n.startswith(("package/icons/flat/", "package/icons/modern/")))
     if "package/emoji.json" not in G or "package/data/openmoji.json" not in O:
-        raise IntegrityError("emoji: a source tarball lacks its metadata file (emoji.json / openmoji.json); delete the downloads folder and rebuild")
+        raise IntegrityError("emoji: a source tarball lacks its metadata file (emoji.json / openmoji.json); delete the "
+                             "downloads folder and rebuild")
     emojis = sorted(json.loads(G["package/emoji.json"]), key=lambda e: e["sort_order"])
     om = {o["hexcode"]: o for o in json.loads(O["package/data/openmoji.json"])}
     classes, sources = [], {}
@@ -106,7 +121,8 @@ def emoji_catalogue(tgz: dict) -> tuple[list, dict]:
         u = e["unified"]
         src = {}
         if (b := G.get(f"package/img/google/64/{e['image']}")) and e.get("has_img_google"): src["google"] = ("png", b)
-        if (b := T.get(f"package/img/twitter/64/{e['image']}")) and e.get("has_img_twitter"): src["twitter"] = ("png", b)
+        if (b := T.get(f"package/img/twitter/64/{e['image']}")) and e.get("has_img_twitter"):
+            src["twitter"] = ("png", b)
         h = next((h for h in (u, e.get("non_qualified"), u.replace("-FE0F", "")) if h and h in om), None)
         names = []
         if h:
@@ -118,7 +134,8 @@ def emoji_catalogue(tgz: dict) -> tuple[list, dict]:
         for style, folder in (("fluent-flat", "flat"), ("fluent-color", "modern")):
             f = next((Fl[k] for n in names if n and (k := f"package/icons/{folder}/{n}.svg") in Fl), None)
             if f: src[style] = ("svg", f)
-        classes.append({"unified": u, "name": (om[h]["annotation"] if h else (e.get("name") or e["short_name"]).lower()),
+        classes.append({"unified": u,
+                        "name": (om[h]["annotation"] if h else (e.get("name") or e["short_name"]).lower()),
                         "category": e["category"], "sort_order": e["sort_order"]})
         sources[u] = src
     return classes, {"sources": sources, "dropped_categories": dropped}
@@ -129,7 +146,9 @@ def render_emoji(kind: str, data: bytes, size: int = 32, margin: float = 1/16) -
     from PIL import Image
     if kind == "svg":
         try: import resvg_py
-        except ImportError: raise NotFoundError("emoji: rendering SVGs needs the `resvg-py` wheel; install it with `pip install resvg-py` (or `pip install -e .`)") from None
+        except ImportError:
+            raise NotFoundError("emoji: rendering SVGs needs the `resvg-py` wheel; install it with `pip install "
+                                "resvg-py` (or `pip install -e .`)") from None
         px = max(64, 2 * size)
         png = resvg_py.svg_to_bytes(svg_string=data.decode("utf-8"), width=px, height=px, skip_system_fonts=True)
         im = Image.open(io.BytesIO(bytes(png))).convert("RGBA")
@@ -156,7 +175,8 @@ def _save_npz(path, **arrays):
     with zipfile.ZipFile(path, "w") as zf:
         for k, v in arrays.items():
             zi = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0)); zi.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(zi, "w", force_zip64=True) as f: np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
+            with zf.open(zi, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
 
 @contextlib.contextmanager
 def _build_lock(folder: Path):
@@ -170,7 +190,8 @@ def _build_lock(folder: Path):
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 def _emoji_params(size, min_styles, styles, margin, same_tol) -> dict:
-    return {"size": int(size), "min_styles": int(min_styles), "styles": list(styles), "margin": float(margin), "same_tol": float(same_tol),
+    return {"size": int(size), "min_styles": int(min_styles), "styles": list(styles), "margin": float(margin),
+            "same_tol": float(same_tol),
             "build_version": EMOJI_BUILD_VERSION, "packages": {p: v[0] for p, v in EMOJI_PACKAGES.items()}}
 
 def _renderer_versions() -> dict:
@@ -184,22 +205,27 @@ def _renderer_versions() -> dict:
 def _emoji_stem(params: dict) -> str:
     return f"emoji-{params['size']}px-{sha256_bytes(canonical_json(params).encode())[:10]}"
 
-def build_emoji(root=None, size: int = 32, min_styles: int = 5, styles: Sequence[str] = EMOJI_STYLES, margin: float = 1/16,
+def build_emoji(root=None, size: int = 32, min_styles: int = 5, styles: Sequence[str] = EMOJI_STYLES,
+                margin: float = 1/16,
                 same_tol: float = 4.0, workers: int | None = None, download: bool = True) -> Path:
     "Build the emoji set into `emoji_home(root)` (npz + manifest JSON with sha256); returns the manifest path"
-    if workers is None: workers = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if workers is None:
+        workers = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     styles = list(styles)
     for s in styles: check_choice("style", s, EMOJI_STYLES)
-    check(len(set(styles)) == len(styles) and len(styles) >= 1, f"styles={styles} must be distinct names from {EMOJI_STYLES}")
+    check(len(set(styles)) == len(styles) and len(styles) >= 1,
+          f"styles={styles} must be distinct names from {EMOJI_STYLES}")
     check(isinstance(size, int) and 8 <= size <= 256, f"size={size!r} must be an integer in [8, 256] (pixels)")
-    check(isinstance(min_styles, int) and 1 <= min_styles <= len(styles), f"min_styles={min_styles!r} must be in [1, {len(styles)}] (the number of styles)")
+    check(isinstance(min_styles, int) and 1 <= min_styles <= len(styles),
+          f"min_styles={min_styles!r} must be in [1, {len(styles)}] (the number of styles)")
     home = emoji_home(root)
     t0 = time.time()
     if download: tgz = fetch_emoji_packages(root)
     else:
         tgz = {p: home/"downloads"/_tgz_name(p, v[0]) for p, v in EMOJI_PACKAGES.items()}
         if not all(f.exists() for f in tgz.values()):
-            raise NotFoundError(f"emoji: source tarballs missing in {home/'downloads'}; call with download=True or run `{_npm_pack_cmd(home/'downloads')}`")
+            raise NotFoundError(f"emoji: source tarballs missing in {home/'downloads'}; call with download=True or run "
+                                f"`{_npm_pack_cmd(home/'downloads')}`")
     t_dl = time.time() - t0
     classes, cat = emoji_catalogue(tgz)
     items, owner = [], []
@@ -233,7 +259,8 @@ def build_emoji(root=None, size: int = 32, min_styles: int = 5, styles: Sequence
         idx = per_class.get(ci, [])
         if len(idx) < min_styles: n_few += 1; continue
         ims = np.stack([rendered[i] for i in idx]).astype(np.int16)
-        if len(idx) > 1 and max(np.abs(ims[a] - ims[b]).mean() for a in range(len(idx)) for b in range(a + 1, len(idx))) < same_tol:
+        if len(idx) > 1 and max(np.abs(ims[a] - ims[b]).mean()
+                               for a in range(len(idx)) for b in range(a + 1, len(idx))) < same_tol:
             n_same += 1; continue
         kept_classes.append(ci)
     sel = [i for ci in kept_classes for i in per_class[ci]]
@@ -247,18 +274,22 @@ def build_emoji(root=None, size: int = 32, min_styles: int = 5, styles: Sequence
     stem = _emoji_stem(params)
     npz = home/f"{stem}.npz"
     with atomic_path(npz, suffix=".npz") as tmp:
-        _save_npz(tmp, images=images, labels=labels, keys=keys, style=style, class_unified=np.array([c["unified"] for c in cls]),
+        _save_npz(tmp, images=images, labels=labels, keys=keys, style=style,
+                  class_unified=np.array([c["unified"] for c in cls]),
                   class_name=np.array([c["name"] for c in cls]), class_category=np.array([c["category"] for c in cls]))
     spc = np.bincount(np.bincount(labels), minlength=len(styles) + 1)
     man = {"format": "bctnb-emoji/1", "file": npz.name, "sha256": sha256_file(npz),
            "content_sha256": sha256_bytes(images.tobytes() + labels.tobytes() + "\n".join(keys.tolist()).encode()),
            "params": params,
-           "packages": {p: {"version": v[0], "tarball": _tgz_name(p, v[0]), "sha256": v[1], "license": v[2]} for p, v in EMOJI_PACKAGES.items()},
+           "packages": {p: {"version": v[0], "tarball": _tgz_name(p, v[0]), "sha256": v[1], "license": v[2]}
+                        for p, v in EMOJI_PACKAGES.items()},
            "counts": {"classes": len(cls), "images": int(len(labels)), "styles": len(styles),
                       "images_per_style": {s: int((style == s).sum()) for s in styles},
                       "classes_by_styles": {str(k): int(spc[k]) for k in range(1, len(styles) + 1) if spc[k]},
-                      "classes_by_category": {k: int(v) for k, v in zip(*np.unique([c["category"] for c in cls], return_counts=True))}},
-           "dropped": {"flag_classes": cat["dropped_categories"]["Flags"], "component_classes": cat["dropped_categories"]["Component"],
+                      "classes_by_category": {k: int(v) for k, v in zip(*np.unique([c["category"] for c in cls],
+                                                                                    return_counts=True))}},
+           "dropped": {"flag_classes": cat["dropped_categories"]["Flags"],
+                       "component_classes": cat["dropped_categories"]["Component"],
                        "duplicate_images": n_dup, "blank_images": int((~keep).sum()) - n_dup,
                        "classes_with_too_few_styles": n_few, "classes_alike_in_every_style": n_same},
            "renderer": _renderer_versions(),
@@ -278,16 +309,22 @@ def load_emoji(size: int = 32, root=None, min_styles: int = 5, styles: Sequence[
     built = lambda: man_path.exists() and (home/load_json(man_path, "emoji manifest")["file"]).exists()
     if not built():
         if not build:
-            raise NotFoundError(f"emoji: no {size}px build in {home}. Call load_emoji(build=True) (needs npm, or the tarballs in {home/'downloads'}: `{_npm_pack_cmd(home/'downloads')}`)")
-        with _build_lock(home):                                   # e.g. two torchrun ranks on a fresh machine: one builds
-            if not built(): man_path = build_emoji(root, size=size, min_styles=min_styles, styles=styles, workers=workers, download=download)
+            raise NotFoundError(f"emoji: no {size}px build in {home}. Call load_emoji(build=True) (needs npm, or the "
+                                f"tarballs in {home/'downloads'}: `{_npm_pack_cmd(home/'downloads')}`)")
+        # e.g. two torchrun ranks on a fresh machine: one builds
+        with _build_lock(home):
+            if not built():
+                man_path = build_emoji(root, size=size, min_styles=min_styles, styles=styles, workers=workers,
+                                       download=download)
     man = load_json(man_path, "emoji manifest")
     npz = home/man["file"]
     if sha256_file(npz) != man["sha256"]:
-        raise IntegrityError(f"emoji: {npz} does not match the sha256 in {man_path.name} (modified or truncated). Delete both files and call load_emoji() again to rebuild.")
+        raise IntegrityError(f"emoji: {npz} does not match the sha256 in {man_path.name} (modified or truncated). "
+                             "Delete both files and call load_emoji() again to rebuild.")
     with np.load(npz, allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}
-    ds = ArrayDataset(torch.from_numpy(d["images"]), d["labels"], d["keys"].tolist(), name="emoji", meta={"style": d["style"]})
+    ds = ArrayDataset(torch.from_numpy(d["images"]), d["labels"], d["keys"].tolist(), name="emoji",
+                      meta={"style": d["style"]})
     ds.class_names = d["class_name"].tolist()
     ds.class_codes = d["class_unified"].tolist()
     ds.manifest = man

@@ -16,8 +16,8 @@ __all__ = ['LaunchError', 'torchrun_command', 'torchrun']
 
 # %% ../nbs/06_launch.ipynb #82a5ea98
 import bctnb
-from .core import BctnbError, NotFoundError, Config, Run, check, check_nproc, load_json
-from .core import RUN_LOCK_ENV, RunLock, RunLockedError
+from .core import BctnbError, NotFoundError, Config, check, check_nproc, load_json
+from .runs import Run, RUN_LOCK_ENV, RunLock, RunLockedError
 
 # %% ../nbs/06_launch.ipynb #f3be98dc
 class LaunchError(BctnbError, RuntimeError):

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, canonical_json,
-                        sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home, Run)
+                        sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home)
+from .runs import Run
 from .evaluate import (l2_normalize, tar_at_far, ijbc_image_features, ijbc_templates, loo_scorer,
                             revisited_scorer, gldv2_scorer, reid_scorer, ijbc_scorer)
 from .compat import (upgrade_metrics, compatibility_matrix, compatibility_summary, old_uncertainty,

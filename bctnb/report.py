@@ -19,7 +19,8 @@ __all__ = ['REFRESH_PAIRS', 'add_derived', 'summary_table', 'verdicts', 'refresh
 import numpy as np
 import pandas as pd
 
-from .core import ConfigError, NotFoundError, environment, load_json, project_root
+from .core import ConfigError, NotFoundError, load_json, project_root
+from .runs import environment
 from .study import Job, METRICS, SIDES, check_batches, load_results, run_study, sweep_jobs
 
 # %% ../nbs/08a_report.ipynb #69f09985

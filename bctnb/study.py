@@ -20,8 +20,9 @@ __all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'TUNED_VARIANTS', 'SWEEP_NCCL
 # %% ../nbs/08_study.ipynb #98372fe1
 import pandas as pd
 
-from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Run, check, check_choice, config_hash,
-                        safe_name, environment, load_json, project_root, progress, save_json, sha256_file)
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, check, check_choice, config_hash,
+                        safe_name, load_json, project_root, progress, save_json, sha256_file)
+from .runs import Run, environment
 
 # %% ../nbs/08_study.ipynb #f169f810
 SCALES = {

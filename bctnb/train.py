@@ -6,16 +6,15 @@ Docs: https://bctnb.github.io/bctnb/train.html.md"""
 
 # %% ../nbs/05_train.ipynb #82879445
 from __future__ import annotations
-import json, math, os, shutil, signal, sys, time, traceback
+import json, math, os, signal, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'SPLIT_KEYS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults',
-           'check_method', 'new_run_config', 'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'TrainData',
-           'prepare_data', 'epoch_order', 'Trainee', 'freeze', 'save_checkpoint', 'load_checkpoint',
-           'NonFiniteLossError', 'build_optimizer', 'train', 'main']
+__all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'check_method',
+           'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'TrainData', 'prepare_data', 'epoch_order',
+           'Trainee', 'freeze', 'NonFiniteLossError', 'build_optimizer', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #a42a62dc
 import numpy as np
@@ -23,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 from fastcore.script import call_parse, is_cli
-from safetensors.torch import save_file, load_file
-from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, Run, UNSET, unset_none, check,
+from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, UNSET, unset_none, check,
                         check_choice, check_range, atomic_path, save_json, load_json, sha256_file, seed_everything,
                         make_generator, derive_seed, rng_state, set_rng_state, select_precision, progress)
+from .runs import Run
+from .checkpoint import save_checkpoint, load_checkpoint, _rng_json, _rng_from_json, _opt_join, _load_module
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, dataset_args, load_dataset, make_split, SCENARIOS
 from .losses import METHODS, Batch, MethodContext, Method, get_method
@@ -189,8 +189,6 @@ def preset_defaults(preset: str, role: str = "old", dataset: str = "emoji") -> d
                 aug_flip=True, aug_rrc=None, aug_jitter=0.0, ckpt_every=1000, log_every=50)
 
 # %% ../nbs/05_train.ipynb #1bffe4d4
-SPLIT_KEYS = ("dataset", "data_root", "dataset_kw", "split_seed", "old_ratio", "test_ratio")
-
 def _augment(cfg: TrainConfig) -> BatchAugment:
     return BatchAugment(flip=cfg.aug_flip, rrc_scale=cfg.aug_rrc, rrc_ratio=tuple(cfg.aug_ratio), jitter=cfg.aug_jitter)
 
@@ -200,50 +198,6 @@ def check_method(cfg: TrainConfig, method: Method | None = None, old_info: dict 
     if old_info is None: old_info = load_model(cfg.old_run, verify=False)[2] if cfg.old_run else {}
     method.check(bool(cfg.old_run), old_info.get("dim"), cfg.dim, _augment(cfg), old=cfg.old_run)
     return method
-
-def _old_run(old_run):
-    p = Path(str(old_run)).expanduser()
-    if not str(old_run) or not p.exists():
-        raise NotFoundError(f"old run not found: {str(old_run) or '(empty)'}. Pass old_run=<the run folder "
-                            "train_old.ipynb printed, e.g. runs/train_old-1a2b3c4d5e6f>, or train one first: "
-                            "papermill nbs/train_old.ipynb out.ipynb -p preset smoke")
-    run = Run(p)
-    cfg = run.config
-    if cfg.get("role") != "old":
-        raise ConfigError(f"{p} is a '{cfg.get('role')}' run, not an old-model run; pass a run made by "
-                          "train_old.ipynb (role 'old')")
-    _, _, info = load_model(p, verify=True)          # a missing/corrupt model is a NotFoundError/IntegrityError here
-    return run, cfg, info
-
-def new_run_config(old_run, method: str = "independent", preset: str = "cpu", method_kw: dict | None = None,
-                   dataset: str | None = None, scenario: str | None = None, dim: int | None = None, **overrides):
-    "Check that `old_run` fits a new `method` run and return its `TrainConfig` (role 'new')"
-    m = get_method(method, **(method_kw or {}))                 # unknown method / hyper-parameter: lists the valid ones
-    run, ocfg, info = _old_run(old_run)
-    if dataset is not None and dataset != ocfg["dataset"]:
-        raise ConfigError(f"the old run {run.path} was trained on dataset '{ocfg['dataset']}', not '{dataset}'. "
-                          f"Compatible training needs the same dataset (its new split); drop dataset= or pass an old "
-                          f"run trained on '{dataset}'.")
-    for k in SPLIT_KEYS[1:]:
-        if k in overrides and overrides[k] is not None and overrides[k] != ocfg.get(k):
-            raise ConfigError(f"{k}={overrides[k]!r} differs from the old run's {k}={ocfg.get(k)!r}; the new run must "
-                              f"use the old run's split (same test classes). Drop {k}= or train a matching old run.")
-    scen = scenario or ocfg["scenario"]
-    if scen != ocfg["scenario"]:
-        ds = load_dataset(ocfg["dataset"], root=ocfg.get("data_root"), **(ocfg.get("dataset_kw") or {}))
-        kw = dict(old_ratio=ocfg["old_ratio"], seed=ocfg["split_seed"], test_ratio=ocfg["test_ratio"], keys=ds.keys)
-        a, b = make_split(ds.labels, ocfg["scenario"], **kw), make_split(ds.labels, scen, **kw)
-        if not (np.array_equal(a.old, b.old) and np.array_equal(a.test, b.test)):
-            raise ConfigError(f"the old run {run.path} was trained on the old part of the '{ocfg['scenario']}' split, "
-                              f"which is not the old part of '{scen}'. Train an old model for it (train_old.ipynb "
-                              f"-p scenario {scen}) or use scenario='{ocfg['scenario']}'.")
-    split = {k: ocfg.get(k) for k in SPLIT_KEYS}
-    kw = {**split, **{k: v for k, v in overrides.items() if v is not None}, "scenario": scen,
-          "dim": int(info["dim"]) if dim is None else int(dim), "method": method, "method_kw": dict(method_kw or {}),
-          "old_run": str(run.path.resolve())}
-    cfg = TrainConfig.make(preset, "new", **kw)
-    check_method(cfg, m, info)
-    return cfg
 
 # %% ../nbs/05_train.ipynb #b26c47da
 def old_model_id(old_run) -> str:
@@ -380,90 +334,6 @@ def freeze(m: nn.Module | None) -> nn.Module | None:
     if m is None: return None
     for p in m.parameters(): p.requires_grad_(False)
     return m.eval()
-
-# %% ../nbs/05_train.ipynb #9e83ffe0
-def _rng_json() -> dict:
-    st = rng_state()
-    out = {"python": [st["python"][0], list(st["python"][1]), st["python"][2]],
-           "numpy": [st["numpy"][0], st["numpy"][1].tolist(),
-                     *[x if not isinstance(x, np.generic) else x.item() for x in st["numpy"][2:]]],
-           "torch": st["torch"].tolist()}
-    if "cuda" in st: out["cuda"] = [s.tolist() for s in st["cuda"]]
-    return out
-
-def _rng_from_json(j: dict) -> dict:
-    st = {"python": (j["python"][0], tuple(j["python"][1]), j["python"][2]),
-          "numpy": (j["numpy"][0], np.asarray(j["numpy"][1], dtype=np.uint32), *j["numpy"][2:]),
-          "torch": torch.tensor(j["torch"], dtype=torch.uint8)}
-    if "cuda" in j: st["cuda"] = [torch.tensor(s, dtype=torch.uint8) for s in j["cuda"]]
-    return st
-
-def _opt_split(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict(); tensors, plain = {}, {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v): tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous().clone()
-            else: plain[f"{i}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
-
-def _opt_join(tensors: dict, meta: dict) -> dict:
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2); state.setdefault(int(i), {})[name] = v
-    for k, v in meta["plain"].items():
-        i, name = k.split(".", 1); state.setdefault(int(i), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-def _module_state(prefix, m) -> tuple[dict, dict]:
-    "A module's state_dict split into tensors (→ safetensors) and other values, e.g. `get_extra_state()` (→ JSON)"
-    tensors, plain = {}, {}
-    for k, v in m.state_dict().items():
-        if torch.is_tensor(v): tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous().clone()
-        else: plain[f"{prefix}.{k}"] = v
-    return tensors, plain
-
-def save_checkpoint(ckdir: Path, step: int, trainee: Trainee, opt, scaler, extra: dict, rngs: list,
-                    keep: int = 2) -> Path:
-    "Write checkpoint `step` under `ckdir` and point `ckdir/last.json` at it (rank 0 only)"
-    d = ckdir/f"step-{step:08d}"; d.mkdir(parents=True, exist_ok=True)
-    t, plain = {}, {}
-    for name in ("backbone", "head", "method"):
-        a, b = _module_state(name, getattr(trainee, name)); t.update(a); plain.update(b)
-    ot, om = _opt_split(opt); t.update(ot)
-    with atomic_path(d/"state.safetensors") as tmp: save_file(t, str(tmp), metadata={"format": "bctnb-train-state"})
-    try: json.dumps(plain)
-    except TypeError as e:
-        raise ConfigError(f"module state that is neither a tensor nor JSON-able cannot be checkpointed ({e}); keep "
-                          "method state in registered buffers, or return JSON-able values from "
-                          "get_extra_state()") from None
-    save_json(d/"state.json",
-              {"format": "bctnb-train-state", "step": step, **extra, "modules_extra": plain, "optimizer": om,
-                               "scaler": scaler.state_dict(), "rng": rngs})
-    save_json(ckdir/"last.json",
-              {"step": step, "dir": d.name,
-               "sha256": {f: sha256_file(d/f) for f in ("state.safetensors", "state.json")}})
-    for old in sorted(ckdir.glob("step-*"))[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    return d
-
-def load_checkpoint(ckdir: Path) -> tuple[dict, dict] | None:
-    "`(tensors, state)` of the last complete checkpoint under `ckdir`, or None"
-    if not (ckdir/"last.json").exists(): return None
-    ptr = load_json(ckdir/"last.json", "checkpoint pointer")
-    d = ckdir/ptr["dir"]
-    for f, sha in ptr["sha256"].items():
-        if not (d/f).exists() or sha256_file(d/f) != sha:
-            raise IntegrityError(f"checkpoint {d/f} is missing or does not match {ckdir/'last.json'}; delete {ckdir} "
-                                 "to restart the run from scratch")
-    return load_file(str(d/"state.safetensors")), load_json(d/"state.json")
-
-def _load_module(m, tensors, plain, prefix):
-    sd = {k[len(prefix) + 1:]: v for src in (tensors, plain) for k, v in src.items() if k.startswith(prefix + ".")}
-    missing, unexpected = m.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise IntegrityError(f"the checkpoint's {prefix} state does not fit the {prefix} built from the config "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}). A method must create all its "
-                             "buffers in setup(); or delete the run's ckpt/ folder to train from scratch.")
 
 # %% ../nbs/05_train.ipynb #501c0673
 class NonFiniteLossError(BctnbError, FloatingPointError):
@@ -667,7 +537,7 @@ def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int
     for (imgs, _, idx), pos in zip(dl, batches): yield imgs, pos
 
 # %% ../nbs/05_train.ipynb #f3c283c7
-from .core import RUN_LOCK_ENV, RunLock
+from .runs import RUN_LOCK_ENV, RunLock
 
 def train(cfg: TrainConfig, run_dir=None, root=None, lock_wait: bool | float = False) -> Path:
     """Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under

@@ -4,7 +4,7 @@ size (cpu_resnet 32, iResNet 112, ResNet-GeM 224), in fp32 and under bf16 autoca
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_backbones.py            # one thread (the CPU tier's setting)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_backbones.py --quick    # cpu_resnet + iresnet18 only
 
-Writes benchmarks/results/backbones.json with the machine description (bctnb.core.environment()). The big backbones
+Writes benchmarks/results/backbones.json with the machine description (bctnb.runs.environment()). The big backbones
 run only a couple of iterations: their numbers are rough (±10 %), good for sizing runs, not for comparing kernels.
 """
 import argparse, json, os, sys, time
@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bctnb.core import environment, save_json, select_precision
+from bctnb.core import save_json, select_precision
+from bctnb.runs import environment
 from bctnb.models import BACKBONES, create_backbone, num_params
 
 # name -> (batch size, timed iterations); one untimed warm-up iteration precedes the timed ones

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bctnb.core import environment, save_json
+from bctnb.core import save_json
+from bctnb.runs import environment
 from bctnb.benchmarks import RecordIODataset, write_recordio
 from bctnb.data import BatchAugment, load_folder, normalize
 from bctnb.emoji import build_emoji, emoji_home, load_emoji

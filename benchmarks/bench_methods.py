@@ -20,7 +20,8 @@ os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
 import numpy as np
 import torch
 
-from bctnb.core import environment, save_json, select_precision
+from bctnb.core import save_json, select_precision
+from bctnb.runs import environment
 from bctnb.data import ArrayDataset, BatchAugment
 from bctnb.losses import Batch, MethodContext, available_methods, get_method
 from bctnb.models import create_backbone, create_head

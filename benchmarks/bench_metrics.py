@@ -11,7 +11,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from bctnb.core import environment, save_json
+from bctnb.core import save_json
+from bctnb.runs import environment
 from bctnb import evaluate as ev
 from bctnb import compat as cp
 

@@ -19,7 +19,7 @@ from shared import OLD_DATA, OLD_DIM
 @pytest.fixture(scope="session")
 def old_run(tmp_path_factory):
     "The session's finished smoke old run (a run folder path); read-only for tests"
-    from bctnb.core import Run
+    from bctnb.runs import Run
     from bctnb.train import TrainConfig, train
     path = train(TrainConfig.make("smoke", "old", dim=OLD_DIM, **OLD_DATA), root=tmp_path_factory.mktemp("old_runs"))
     assert Run(path).done

@@ -483,7 +483,7 @@ def test_compatibility_matrix_from_scorer_and_tie_rule():
 def _fake_runs(root, methods=("independent", "l2"), dim=16):
     "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
     import torch
-    from bctnb.core import Run
+    from bctnb.runs import Run
     from bctnb.models import create_backbone, create_head, save_model
     from bctnb.train import TrainConfig
     torch.manual_seed(0)

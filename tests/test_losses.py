@@ -13,7 +13,7 @@ from bctnb.core import ConfigError, IntegrityError, NotFoundError
 from bctnb.data import ArrayDataset, BatchAugment, normalize
 from bctnb.losses import (Batch, MethodContext, Method, METHODS, available_methods, get_method, weakened_l2_loss)
 from bctnb.methods import ract_loss, floor_frac
-from bctnb.train import new_run_config
+from bctnb.new_run import new_run_config
 from bctnb.models import Head, create_backbone
 from bctnb.prototypes import (artefact, load_artefact, refine_prototypes, class_means, credible_mask, keep_count)
 
@@ -254,7 +254,7 @@ METHOD_KW = {"l2": {"lam": 5.0}}          # a non-default hyper-parameter must r
 def test_every_method_trains_a_few_steps(old_run, name, tmp_path):
     """Every registered method, in process, 2 smoke steps on the shared old run: what train_new.ipynb launches for it
     (tests/test_train_new.py runs the notebook itself once)."""
-    from bctnb.core import Run
+    from bctnb.runs import Run
     from bctnb.train import train
     kw = METHOD_KW.get(name, {})
     cfg = new_run_config(old_run, name, preset="smoke", max_steps=2, method_kw=kw)
@@ -280,7 +280,8 @@ STATEFUL = ("nccl", "unibct")             # training state outside parameters: N
 def test_interrupted_method_run_resumes_bit_identically(old_run, name, tmp_path, monkeypatch):
     """Interrupted in epoch 1 (after UniBCT's refresh, with NCCL's queue filled) and resumed from the checkpoint of
     step 6: the same losses at every step and the same final model as the uninterrupted run."""
-    from bctnb.core import Run, load_json
+    from bctnb.core import load_json
+    from bctnb.runs import Run
     from bctnb.train import train
     from safetensors.torch import load_file
     cfg = new_run_config(old_run, name, preset="smoke", epochs=2, ckpt_every=3).replace(max_steps=None)  # 4 steps/epoch, 8 in all

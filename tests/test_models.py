@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bctnb.core import ConfigError, IntegrityError, NotFoundError, Run, select_precision
+from bctnb.core import ConfigError, IntegrityError, NotFoundError, select_precision
+from bctnb.runs import Run
 from bctnb.data import ArrayDataset
 from bctnb.models import (BACKBONES, HEADS, EmbeddingModel, Head, arcface_psi, create_backbone, create_head,
                           extract_features, head_logits, load_model, save_model)

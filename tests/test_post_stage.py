@@ -116,7 +116,7 @@ def test_a_new_transformation_method_plugs_in_without_naming_it(toy_post, tmp_pa
 # ------------------------------------------------------------------------------ evaluate_pair: the study's evaluation
 def _fake_runs(root, new_methods=("independent",), dims=(16, 16)):
     "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
-    from bctnb.core import Run
+    from bctnb.runs import Run
     from bctnb.models import create_backbone, create_head, save_model
     from bctnb.train import TrainConfig
     torch.manual_seed(0)

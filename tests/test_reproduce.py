@@ -117,7 +117,7 @@ def test_model_zoo_index_covers_the_committed_seed0_models():
 
 def test_zoo_restores_into_run_folders_named_by_their_run_ids(zoo):
     "A restored folder is a finished run whose id, recomputed from its config, is its folder name"
-    from bctnb.core import Run
+    from bctnb.runs import Run
     from bctnb.models import load_model
     from bctnb.train import TrainConfig
     dirs = sorted(p for p in zoo.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bctnb.core import ConfigError, Run, RunLock, RunLockedError, load_json
+from bctnb.core import ConfigError, load_json
+from bctnb.runs import Run, RunLock, RunLockedError
 from bctnb.launch import LaunchError, torchrun
 from bctnb.losses import METHODS, Method
 from bctnb.train import NonFiniteLossError, train
@@ -102,7 +103,7 @@ def test_wait_with_a_limit_gives_up_with_the_owner_named(tmp_path):
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
     cfg = cfg_(max_steps=2)
     run = Run.create(cfg.run_name, cfg, tmp_path)
-    code = ("import os, signal, sys; from bctnb.core import RunLock\n"
+    code = ("import os, signal, sys; from bctnb.runs import RunLock\n"
             "RunLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)")          # dies holding the lock
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     p = subprocess.Popen([sys.executable, "-c", code, str(run.path)], env=env, stderr=subprocess.PIPE, text=True)

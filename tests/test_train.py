@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bctnb.core import ConfigError, IntegrityError, NotFoundError, Run, available_devices, load_json
+from bctnb.core import ConfigError, IntegrityError, NotFoundError, available_devices, load_json
+from bctnb.runs import Run
 from bctnb.losses import METHODS, Method
 from bctnb.models import load_model
 from bctnb.train import NonFiniteLossError, TrainConfig, lr_at, prepare_data, train

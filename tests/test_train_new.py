@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("BCTNB_NO_PROGRESS", "1")
-from bctnb.core import ConfigError, NotFoundError, Run
-from bctnb.train import new_run_config
+from bctnb.core import ConfigError, NotFoundError
+from bctnb.runs import Run
+from bctnb.new_run import new_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
