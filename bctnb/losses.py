@@ -130,6 +130,7 @@ class Method(nn.Module):
     defaults: ClassVar[dict] = {}
     trains_as: ClassVar[str | None] = None        # the method whose training run this one shares (None: its own)
     post_epochs: ClassVar[dict] = {}              # post-training stage: default epochs per scale / preset
+    ablation: ClassVar[bool] = False              # an ablation of another method: studies run it only when asked
 
     def __init__(self, **hparams):
         super().__init__()

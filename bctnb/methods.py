@@ -403,7 +403,7 @@ class RACT(Method):
 @METHODS.register()
 class Contra(RACT):
     "L = L_cls + λ·mean_i −log(e^{p/τ} / (e^{p/τ} + Σ topk n2o)): RACT without new-to-new negatives"
-    name = "contra"; n2n = False
+    name = "contra"; n2n = False; ablation = True
     defaults = dict(lam=1.0, tau=0.01, topk=10, old_source="auto")
 
 # %% ../nbs/04a_methods.ipynb #986ac96d

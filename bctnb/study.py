@@ -138,10 +138,10 @@ TUNED_VARIANTS = {"quick": ["nccl:tau=0.05", "advbct:p2s_weight=10"], "cpu": ["n
 def default_methods(scale: str | None = None) -> list[str]:
     """The methods the papers compare, each training a new backbone: every registered method except those that share
     another method's run (`trains_as`, e.g. fct: a post stage after an independent model) and
-    `contra` (RACT's ablation without new-to-new negatives; ask for it by name),
+    ablations (`ablation`, e.g. contra: RACT without new-to-new negatives; ask for them by name),
     followed by the scale's tuned variants (`TUNED_VARIANTS`)"""
     from bctnb.losses import METHODS, available_methods
-    own = [m for m in available_methods() if METHODS.get(m).trains_as is None and m != "contra"]
+    own = [m for m in available_methods() if METHODS.get(m).trains_as is None and not METHODS.get(m).ablation]
     return own + tuned_variants(scale)
 
 def tuned_variants(scale: str | None = None, methods: Sequence[str] | None = None) -> list[str]:
