@@ -177,7 +177,7 @@ def _faiss_knn(q, g, k):
 
 def knn(query_feats, gallery_feats, k: int, exclude_self: bool = False,
         gallery_transform=None) -> tuple[np.ndarray, np.ndarray]:
-    "Top-k (scores, indices) per query, exact inner product on L2-normalised features, ties by ascending index"
+    "Top-k (scores, indices) per query: exhaustive fp32 search (faiss' scores), ties by ascending index (see prose)"
     q, g = prepare_pair(query_feats, gallery_feats, gallery_transform)
     n = len(g) - int(exclude_self)
     check(1 <= k <= n, f"k={k} must be between 1 and the number of rankable gallery items ({n})")
@@ -223,7 +223,7 @@ def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return fps / fps[-1], tps / tps[-1]
 
 def tar_at_far(scores, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
-    "TAR at the ROC point whose FAR is nearest each target (insightface convention); returns {far: tar}"
+    "TAR at the ROC point whose FAR is nearest each target (insightface); {far: tar}; scores keep their precision"
     s = np.asarray(scores).ravel(); y = np.asarray(labels).ravel()
     if not np.issubdtype(s.dtype, np.floating): s = s.astype(np.float64)
     check(len(s) == len(y), f"scores ({len(s)}) and labels ({len(y)}) must have the same length: one label per pair")
@@ -231,8 +231,8 @@ def tar_at_far(scores, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
     if not np.isfinite(s).all(): raise ConfigError(f"{int((~np.isfinite(s)).sum())} pair scores are NaN/inf; check the "
                                                    "features (as_features) that produced them")
     pos = y == 1
-    check(bool((pos | (y == 0)).all()),
-          f"labels must be 1 (genuine) or 0 (impostor), got values {np.unique(y).tolist()[:5]}")
+    if not bool((pos | (y == 0)).all()):     # message (np.unique over all labels) built only on failure
+        raise ConfigError(f"labels must be 1 (genuine) or 0 (impostor), got values {np.unique(y).tolist()[:5]}")
     check(bool(pos.any()) and not bool(pos.all()), "labels must contain both 1 (genuine) and 0 (impostor) pairs")
     fpr, tpr = roc_points(s, y)
     fpr, tpr = fpr[::-1], tpr[::-1]
@@ -296,8 +296,8 @@ def _revisited_setting(sim, gnd, ok_keys, junk_keys, ks):
 
 def revisited_map(sim, gnd, ks=(1, 5, 10), per_query: bool = False) -> dict:
     """Revisited Oxford/Paris (revisitop `compute_map`): {"easy"|"medium"|"hard": {"mAP", "mP@k"..., "n_queries",
-    "n_excluded"}} as fractions. `sim` is n_query × n_db; `gnd` a list of dicts with 'easy', 'hard', 'junk' index
-    lists."""
+    "n_excluded"}} as fractions. `sim` is n_query × n_db, ranked in float32 (a float64 `sim` is cast: scores closer
+    than fp32 resolution tie → index order); `gnd` a list of dicts with 'easy', 'hard', 'junk' index lists."""
     sim = np.asarray(sim)
     check(sim.ndim == 2, f"sim must be a 2-D n_query × n_db matrix, got shape {sim.shape}")
     if sim.shape[1] == 0: raise ConfigError("the database is empty (sim has 0 columns): nothing can be retrieved")
@@ -318,15 +318,29 @@ def revisited_map(sim, gnd, ks=(1, 5, 10), per_query: bool = False) -> dict:
     return out
 
 # %% ../nbs/07_evaluate.ipynb #e5fee055
-def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool = False) -> dict:
-    ("GLDv2 mAP@k (Kaggle definition): {'mAP@k', 'n_queries', 'n_excluded'}; `relevant[q]` lists index ids relevant to "
-     "query q")
+def _check_ranked(ranked, nq, n_index):
+    "Validated top-k id lists (int64; -1 = trailing padding) and the index size they imply"
+    ranked = np.asarray(ranked)
+    check(ranked.ndim == 2 and ranked.shape[0] == nq, f"ranked must be n_query × k ids ({nq} rows), got {ranked.shape}")
+    check(not ranked.size or np.issubdtype(ranked.dtype, np.integer),
+          f"ranked must hold integer index ids (knn's indices I, not its scores), got dtype {ranked.dtype}")
+    ranked = ranked.astype(np.int64, copy=False)
+    hi = n_index if n_index is not None else (int(ranked.max()) + 1 if ranked.size else 0)
+    pad = ranked == -1
+    bad = (ranked < -1) | (ranked >= hi); bad[:, :-1] |= pad[:, :-1] & ~pad[:, 1:]
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        raise ConfigError(f"ranked[{r}, {c}] = {ranked[r, c]} is not a valid id: ids must be integers in 0..{hi - 1} "
+                          f"(n_index={hi}); -1 (faiss' 'fewer than k results') may only pad a row's end. Pass knn's I.")
+    return ranked, hi
+
+def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, n_index: int | None = None,
+                   per_query: bool = False) -> dict:
+    """GLDv2 mAP@k (Kaggle/DELF): {'mAP@k', 'n_queries', 'n_excluded'}; `relevant[q]`: index ids relevant to query q.
+    `sim` is ranked in float32; `ranked`: top-k ids (-1 padding, repeats skipped as in DELF), checked by `n_index`"""
     nq = len(relevant)
-    if ranked is not None:
-        ranked = np.asarray(ranked, dtype=np.int64)
-        check(ranked.ndim == 2 and ranked.shape[0] == nq,
-              f"ranked must be n_query × k indices with {nq} rows, got shape {ranked.shape}")
-        n_db = int(ranked.max()) + 1 if ranked.size else 0
+    check(isinstance(k, (int, np.integer)) and k >= 1, f"k={k!r} must be a positive integer (GLDv2 uses k=100)")
+    if ranked is not None: ranked, n_db = _check_ranked(ranked, nq, n_index)
     else:
         sim = np.asarray(sim)
         check(sim.ndim == 2 and sim.shape[0] == nq, f"sim must have one row per query ({nq}), got shape {sim.shape}")
@@ -336,16 +350,18 @@ def gldv2_map_at_k(sim, relevant, k: int = 100, *, ranked=None, per_query: bool 
         n_db = sim.shape[1]
     rq = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(relevant)] or [np.zeros(0, np.int64)])
     ri = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in relevant] or [np.zeros(0, np.int64)])
-    if ranked is None and len(ri) and (ri.min() < 0 or ri.max() >= n_db):
-        raise ConfigError(f"relevant index id {int(ri.max())} is outside the index (0..{n_db - 1}); the ground truth "
-                          "does not match this index")
-    pair = np.unique(rq * max(n_db, int(ri.max()) + 1 if len(ri) else 1) + ri) if len(ri) else np.zeros(0, np.int64)
+    out_of = (ri < 0) | (ri >= n_db) if (ranked is None or n_index is not None) else ri < 0
+    if out_of.any(): raise ConfigError(f"relevant index id {int(ri[out_of][0])} (query {int(rq[out_of][0])}) is outside"
+                                       f" the index (0..{n_db - 1}); the ground truth does not match this index")
     base = max(n_db, int(ri.max()) + 1 if len(ri) else 1)
+    pair = np.unique(rq * base + ri) if len(ri) else np.zeros(0, np.int64)
     m = np.bincount(pair // base, minlength=nq)                # distinct relevant per query
     ap = np.full(nq, np.nan)
     if ranked is not None:
         top = ranked[:, :k]
-        rel = np.isin(np.arange(nq)[:, None] * base + top, pair)
+        o = np.argsort(top, axis=1, kind="stable"); srt = np.take_along_axis(top, o, 1)
+        again = np.zeros(top.shape, bool); np.put_along_axis(again, o[:, 1:], srt[:, 1:] == srt[:, :-1], 1)  # repeats
+        rel = np.isin(np.arange(nq)[:, None] * base + top, pair) & (top >= 0) & ~again
         hit1 = rel[:, 0].copy()
         prec = np.cumsum(rel, 1) / np.arange(1, top.shape[1] + 1)
         s = (prec * rel).sum(1)
@@ -523,7 +539,7 @@ def gldv2_scorer(relevant, k: int = 100) -> Callable:
     "GLDv2 mAP@k as a scorer (top-k via faiss `knn`); `mAP` is an alias of `mAP@k`"
     def score(q, g):
         D, I = knn(q, g, min(k, len(g)))
-        r = gldv2_map_at_k(None, relevant, k, ranked=I, per_query=True)
+        r = gldv2_map_at_k(None, relevant, k, ranked=I, n_index=len(g), per_query=True)
         v = ~np.isnan(r.pop("ap")); hit1 = r.pop("hit1")
         r["mAP"] = r[f"mAP@{k}"]
         return r, hit1[v]

@@ -257,6 +257,37 @@ def test_gldv2_matches_loop_both_paths(tied):
     assert ev.gldv2_map_at_k(None, relevant, k, ranked=ranked)["mAP@100"] == pytest.approx(ref, abs=1e-12)
 
 
+
+def ref_delf_ap(prediction, solution, max_predictions):
+    "DELF google_landmarks_dataset/metrics.py MeanAveragePrecision, one query: repeats skipped, positions kept"
+    ap, seen, correct = 0.0, set(), 0
+    for i in range(min(len(prediction), max_predictions)):
+        if prediction[i] not in seen:
+            if prediction[i] in solution:
+                correct += 1
+                ap += correct / (i + 1)
+            seen.add(prediction[i])
+    return ap / min(len(solution), max_predictions)
+
+
+def test_gldv2_ranked_padding_and_duplicates_match_delf():
+    rng = np.random.default_rng(3)
+    nq, n_index, width, k = 200, 40, 25, 20
+    relevant = [rng.choice(n_index, rng.integers(1, 12), replace=False).tolist() for _ in range(nq)]
+    rows = []
+    for _ in range(nq):             # ids with repeats, then -1 padding ("fewer than k results") of random length
+        ids = rng.integers(0, n_index, rng.integers(0, width + 1)).tolist()
+        rows.append(ids + [-1] * (width - len(ids)))
+    ranked = np.array(rows)
+    assert (ranked[:, :k] == -1).any(1).sum() > 50 and (ranked[1:, :k] == -1).any()
+    ref = [ref_delf_ap([x for x in r if x != -1], set(s), k) for r, s in zip(rows, relevant)]
+    got = ev.gldv2_map_at_k(None, relevant, k, ranked=ranked, n_index=n_index, per_query=True)
+    np.testing.assert_allclose(got["ap"], ref, rtol=0, atol=1e-12)
+    assert got["mAP@20"] == pytest.approx(np.mean(ref), abs=1e-12)
+    with pytest.raises(ConfigError, match=r"ranked\[0, 1\] = 40 .*0\.\.39"):
+        ev.gldv2_map_at_k(None, relevant, k, ranked=np.array([[0, 40]] + [[0, 1]] * (nq - 1)), n_index=n_index)
+
+
 # ---------------------------------------------------------------- §2.5 TAR@FAR
 def ref_tar_at_far(scores, labels, fars):
     fpr, tpr, _ = roc_curve(labels, scores)
