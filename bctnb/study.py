@@ -170,13 +170,12 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     ("new/h(old)")."""
     from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage
     from bctnb.losses import METHODS, gallery_fn
-    from bctnb.models import load_model
     data = PROTOCOLS["cpu_tier"](config=cfg)
     name = parse_method(method)[0] if method else cfg.method
     cls, tfs = METHODS.get(name), {}
     if cls.has_post_stage():
         epochs, seed = post_epochs or cls.post_stage_epochs(cfg.preset), cfg.seed
-        sha = load_model(Path(old_run)/"model", verify=False)[2]["sha256"]
+        sha = load_json(Path(old_run)/"model"/"model.json", "model description")["files"]["backbone.safetensors"]
         h = fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed,
                            path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}.safetensors")
         tfs["new"] = gallery_fn(h)

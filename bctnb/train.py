@@ -25,7 +25,7 @@ from fastcore.script import call_parse, is_cli
 from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Config, UNSET, unset_none, check,
                         check_choice, check_range, atomic_path, save_json, load_json, sha256_file, seed_everything,
                         make_generator, derive_seed, rng_state, set_rng_state, select_precision, progress)
-from .runs import Run
+from .runs import Run, RUN_LOCK_ENV, RunLock
 from .checkpoint import save_checkpoint, load_checkpoint, _rng_json, _rng_from_json, _opt_join, _load_module
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, dataset_args, load_dataset, make_split, SCENARIOS
@@ -537,8 +537,6 @@ def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int
     for (imgs, _, idx), pos in zip(dl, batches): yield imgs, pos
 
 # %% ../nbs/05_train.ipynb #f3c283c7
-from .runs import RUN_LOCK_ENV, RunLock
-
 def train(cfg: TrainConfig, run_dir=None, root=None, lock_wait: bool | float = False) -> Path:
     """Train per `cfg`; resumes from the run's last checkpoint; returns the run folder. Works in-process and under
     torchrun. Holds the run's `RunLock` (refuse if busy, or wait per `lock_wait`) unless its launcher holds it"""
