@@ -10,6 +10,9 @@ STAMP := $(VENV)/.bctnb-setup
 export OMP_NUM_THREADS ?= 1
 export PYTHONHASHSEED ?= 0
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# Packages are installed without byte-compiling (pip compiles all ~13,000 modules serially: ~45 CPU-s of a fresh set-up);
+# Python then compiles the modules actually imported, once, and caches them, which PYTHONDONTWRITEBYTECODE would stop.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup test test-fast check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
 
@@ -20,8 +23,8 @@ setup:
 	set -x; \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
-	$(BIN)/python -m pip install -q torch==2.13.0; \
-	$(BIN)/python -m pip install -q -e ".[dev]"; \
+	$(BIN)/python -m pip install -q --no-compile torch==2.13.0; \
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"; \
 	$(BIN)/python -m ipykernel install --sys-prefix --name bctnb --display-name "Python (bctnb)" >/dev/null; \
 	set +x; echo "$$h" > $(STAMP); \
 	echo "setup: .venv ready ($$($(BIN)/python -c 'import torch,sys;print(sys.version.split()[0], "torch", torch.__version__)'))"

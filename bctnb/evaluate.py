@@ -19,6 +19,7 @@ __all__ = ['IJBC_FARS', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_rel
 import numpy as np
 import torch
 import faiss
+import scipy.sparse as sp
 from sklearn.metrics import roc_curve
 from .core import ConfigError, check
 
@@ -401,14 +402,15 @@ def ijbc_templates(img_feats, template_ids, media_ids) -> tuple[np.ndarray, np.n
     t = np.asarray(template_ids).ravel(); m = np.asarray(media_ids).ravel()
     check(len(t) == len(f) == len(m),
           f"need one template id and media id per image: {len(f)} images, {len(t)} template ids, {len(m)} media ids")
-    tm, inv = np.unique(np.stack([t, m], 1), axis=0, return_inverse=True)
-    inv = inv.ravel()
-    cnt = np.bincount(inv, minlength=len(tm)).astype(np.float64)
-    msum = np.zeros((len(tm), f.shape[1]), np.float64); np.add.at(msum, inv, f)
-    media = msum / cnt[:, None]
-    tids, tinv = np.unique(tm[:, 0], return_inverse=True)
-    tsum = np.zeros((len(tids), f.shape[1]), np.float64); np.add.at(tsum, tinv.ravel(), media)
-    return tids, l2_normalize(tsum.astype(np.float32))
+    tids, ti = np.unique(t, return_inverse=True); _, mi = np.unique(m, return_inverse=True)
+    keys, media_of = np.unique(ti.ravel() * (mi.max() + 1) + mi.ravel(), return_inverse=True)
+    media = _segment_sum(f, media_of.ravel(), len(keys))                  # float64 sums, image order (as np.add.at)
+    media /= np.bincount(media_of.ravel(), minlength=len(keys))[:, None]  # media means
+    return tids, l2_normalize(_segment_sum(media, keys // (mi.max() + 1), len(tids)).astype(np.float32))
+
+def _segment_sum(x, seg, n) -> np.ndarray:
+    "Rows of `x` summed by segment id `seg` (0..n-1) in float64: one sparse product (np.add.at is ~10× slower)"
+    return np.asarray(sp.csr_matrix((np.ones(len(seg)), (seg, np.arange(len(seg)))), shape=(n, len(seg))) @ x)
 
 def ijbc_pair_scores(template_ids, t1_feats, t2_feats, p1, p2, chunk: int = 1 << 20) -> np.ndarray:
     """Score of each pair (p1[i], p2[i]) = ⟨t1_feats[p1], t2_feats[p2]⟩. Same-model: pass the same template features

@@ -1,5 +1,8 @@
 """Shared pytest fixtures.
 
+`emoji_data` is the one emoji build of the whole run (an npm download and a ~30 s render): a folder that is new for
+this pytest run and shared by its xdist workers, built from nothing by whichever test asks first.
+
 `old_run` is the one smoke-preset old model of the whole session (synthetic data, in-process `train`): every test that
 needs a finished train_old run (test_train, test_losses, test_train_new) uses it instead of training its own. Under
 pytest-xdist each worker is its own session and trains its own copy into its own tmp folder, so workers never share
@@ -24,3 +27,17 @@ def old_run(tmp_path_factory):
     path = train(TrainConfig.make("smoke", "old", dim=OLD_DIM, **OLD_DATA), root=tmp_path_factory.mktemp("old_runs"))
     assert Run(path).done
     return path
+
+
+@pytest.fixture(scope="session")
+def emoji_data(tmp_path_factory, worker_id):
+    """$BCTNB_DATA for the tests that need the emoji set: a folder created by this pytest run (so the set is built from
+    nothing once per run) and shared by all xdist workers (the build lock makes a second worker wait for the first build
+    instead of building again). Read-only for tests: one that must damage a file works on a copy."""
+    base = tmp_path_factory.getbasetemp()
+    home = (base if worker_id == "master" else base.parent) / "bctnb_data"
+    old = os.environ.get("BCTNB_DATA")
+    os.environ["BCTNB_DATA"] = str(home)
+    yield home
+    if old is None: os.environ.pop("BCTNB_DATA", None)
+    else: os.environ["BCTNB_DATA"] = old

@@ -33,25 +33,21 @@ def _card_counts(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def emoji_home(tmp_path_factory):
+def emoji_home(emoji_data):
     if shutil.which("npm") is None:
         pytest.fail("npm is needed to build the emoji set (CI has node + npm); install Node.js")
-    home = tmp_path_factory.mktemp("bctnb_data")
-    old = os.environ.get("BCTNB_DATA")
-    os.environ["BCTNB_DATA"] = str(home)
-    yield home
-    if old is None: os.environ.pop("BCTNB_DATA")
-    else: os.environ["BCTNB_DATA"] = old
+    return emoji_data
 
 
 @pytest.mark.slow
-def test_emoji_builds_from_nothing_matches_its_card_and_reuses_its_cache(emoji_home):
-    """One test, not two: the cache checks need the build, and under pytest-xdist two tests may run on different workers
-    (each with its own empty emoji_home, so the second would build the set again; xdist_group + --dist loadgroup is
-    silently ignored with pytest 9.2, pytest-xdist#1386)."""
-    assert not (emoji_home / "emoji").exists()
+def test_emoji_builds_from_nothing_matches_its_card_and_reuses_its_cache(emoji_home, tmp_path, tmp_path_factory):
+    """One test, not two: the cache checks need the build. The folder is new for this pytest run (conftest `emoji_data`),
+    so the set was built from nothing in this run, by this test or by another test of the run that asked first."""
     ds = load_dataset("emoji")                                   # default root: $BCTNB_DATA/emoji
     man = ds.manifest
+    man_path = next((emoji_home / "emoji").glob("emoji-32px-*.json"))
+    assert emoji_home.is_relative_to(tmp_path_factory.getbasetemp().parent)   # a folder of this run: built in it
+    assert len(list((emoji_home / "emoji" / "downloads").glob("*.tgz"))) == len(man["packages"])  # from npm tarballs
     assert (emoji_home / "emoji" / man["file"]).exists()
     # the contract the CPU tier relies on
     assert ds.images.dtype == torch.uint8 and tuple(ds.images.shape[1:]) == (3, 32, 32)
@@ -70,21 +66,18 @@ def test_emoji_builds_from_nothing_matches_its_card_and_reuses_its_cache(emoji_h
     assert all(len(p["sha256"]) == 64 and p["version"] for p in man["packages"].values())
 
     # the cache is reused (no rebuild) and verified (a corrupted file is refused)
-    man_path = next((emoji_home / "emoji").glob("emoji-32px-*.json"))
     npz = man_path.with_suffix(".npz")
     mtime = npz.stat().st_mtime_ns
     again = load_emoji()                                         # built above: read from the cache
     assert npz.stat().st_mtime_ns == mtime and torch.equal(again.images, ds.images)
     again = load_emoji(build=False)                              # no rebuild: same file, same content
     assert npz.stat().st_mtime_ns == mtime and torch.equal(again.images, ds.images)
-    data = bytearray(npz.read_bytes()); data[-100] ^= 0xFF
-    saved = npz.read_bytes()
-    npz.write_bytes(bytes(data))
-    try:
-        with pytest.raises(IntegrityError, match="does not match the sha256"):
-            load_emoji(build=False)
-    finally:
-        npz.write_bytes(saved)
+    copy = tmp_path / "emoji"                                   # damage a copy: other workers read the shared cache
+    copy.mkdir()
+    shutil.copy(man_path, copy); data = bytearray(npz.read_bytes()); data[-100] ^= 0xFF
+    (copy / npz.name).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match the sha256"):
+        load_emoji(root=copy, build=False)
 
     # last, so that a slow machine does not hide the checks above
     assert man["seconds"]["total"] - man["seconds"]["download"] < 90       # ~20 s on 2 idle cores; guards gross regressions

@@ -128,7 +128,7 @@ def test_zoo_restores_into_run_folders_named_by_their_run_ids(zoo):
 
 
 @pytest.mark.slow
-def test_model_zoo_pair_reproduces_the_committed_numbers(zoo):
+def test_model_zoo_pair_reproduces_the_committed_numbers(zoo, emoji_data):
     "Evaluating the zoo's seed-0 L2 pair (open-class) from its weights gives the numbers in reports/unibct_cpu"
     from bctnb.zoo import check_zoo_entry
     f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR))
@@ -138,7 +138,7 @@ def test_model_zoo_pair_reproduces_the_committed_numbers(zoo):
 
 
 @pytest.mark.slow
-def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path, zoo):
+def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path, zoo, emoji_data):
     """A reader who evaluates the zoo's seed-0 L2 pair with the generic `evaluate.ipynb` (protocol `retrieval`) gets the
     numbers of the committed study report: the study and the evaluate notebook measure the same thing the same way."""
     f = next((ROOT / "reports" / "unibct_cpu" / "runs").glob(L2_PAIR))
