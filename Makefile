@@ -40,9 +40,7 @@ PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 ## make test: sync checks, notebook tests, pytest (all of it, slow tests included).
-## Timings (2 cores shared with two other jobs, load 4-7, 2026-12-05; README "Tests"): pytest -n 2 585-640 s wall,
-## ~400 CPU-s (≈ 200-250 s on 2 idle cores; it was ~490 s serial before); make test-fast 115 s wall, ~46 CPU-s;
-## nbdev-test 16 s.
+## Timings: README "Tests" (fresh-clone .ci/run 4.0 min on 2 idle cores, 2026-12-05).
 test: setup check-sync check-clean nbtest pytest
 	@echo "make test: all checks passed"
 

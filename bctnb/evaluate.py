@@ -419,15 +419,21 @@ def ijbc_pair_scores(template_ids, t1_feats, t2_feats, p1, p2, chunk: int = 1 <<
     a, b = as_features(t1_feats, "t1 template features"), as_features(t2_feats, "t2 template features")
     check(a.shape[1] == b.shape[1],
           f"t1 features have {a.shape[1]} dims and t2 features {b.shape[1]}: declare a transformation first")
-    p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
-    i1, i2 = np.searchsorted(tids, p1), np.searchsorted(tids, p2)
-    for p, i in ((p1, i1), (p2, i2)):
-        bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != p)
-        if bad.any(): raise ConfigError(f"{int(bad.sum())} pair template ids are not among the templates (first: "
-                                        f"{p[bad][0]}); the pair list and the image list do not match")
-    out = np.empty(len(p1), np.float32)
-    for s in range(0, len(p1), chunk):
-        out[s:s + chunk] = np.einsum("ij,ij->i", a[i1[s:s + chunk]], b[i2[s:s + chunk]])
+    return _pair_dots(a, b, _template_rows(tids, p1, "pair"), _template_rows(tids, p2, "pair"), chunk)
+
+def _template_rows(tids, ids, what):
+    "Row of each template id in the sorted `tids`; `ConfigError` if any is missing (protocol and image list differ)"
+    ids = np.asarray(ids).ravel(); i = np.searchsorted(tids, ids)
+    bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != ids)
+    if bad.any(): raise ConfigError(f"{int(bad.sum())} {what} template ids are not among the {len(tids)} templates of "
+                                    f"the image list (first: {ids[bad][0]}); the protocol files and the image list "
+                                    "(ijbc_face_tid_mid.txt) do not belong together")
+    return i
+
+def _pair_dots(a, b, i1, i2, chunk: int = 1 << 20) -> np.ndarray:
+    "⟨a[i1[j]], b[i2[j]]⟩ for every j, in chunks of `chunk` pairs (bounded memory)"
+    out = np.empty(len(i1), np.float32)
+    for s in range(0, len(i1), chunk): out[s:s + chunk] = np.einsum("ij,ij->i", a[i1[s:s + chunk]], b[i2[s:s + chunk]])
     return out
 
 def ijbc_verification(template_ids, old_feats, new_feats, p1, p2, labels, fars: Sequence[float] = IJBC_FARS) -> dict:
@@ -557,14 +563,6 @@ def reid_scorer(query_pids, query_cams, gallery_pids, gallery_cams, ks=(1, 5, 10
         return r, first[first >= 0] == 0
     return score
 
-def _template_rows(tids, ids, what):
-    ids = np.asarray(ids).ravel(); i = np.searchsorted(tids, ids)
-    bad = (i >= len(tids)) | (tids[np.minimum(i, len(tids) - 1)] != ids)
-    if bad.any(): raise ConfigError(f"{int(bad.sum())} {what} template ids are not among the {len(tids)} templates of "
-                                    f"the image list (first: {ids[bad][0]}); the protocol files and "
-                                    "ijbc_face_tid_mid.txt do not belong together")
-    return i
-
 def ijbc_scorer(template_ids, pairs=None, gallery_probe: dict | None = None, fars: Sequence[float] = IJBC_FARS,
                 ks=(1, 5, 10), fpirs=(1e-3, 1e-2, 1e-1), chunk: int = 1 << 20) -> Callable:
     """IJB-C as a scorer over template features (rows = sorted `template_ids`): 1:1 TAR@FAR on `pairs` (rows t1, t2,
@@ -593,9 +591,7 @@ def ijbc_scorer(template_ids, pairs=None, gallery_probe: dict | None = None, far
                               f"{len(g)}")
         out, top1 = {}, []
         if pairs is not None:
-            s = np.empty(len(lab), np.float32)
-            for a in range(0, len(lab), chunk):
-                s[a:a + chunk] = np.einsum("ij,ij->i", g[i1[a:a + chunk]], q[i2[a:a + chunk]])
+            s = _pair_dots(g, q, i1, i2, chunk)
             out.update({f"TAR@FAR={f:g}": v for f, v in tar_at_far(s, lab, fars).items()})
         if gallery_probe is not None:
             res, hits = {}, {k: 0 for k in ks}
