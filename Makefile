@@ -14,7 +14,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # Python then compiles the modules actually imported, once, and caches them, which PYTHONDONTWRITEBYTECODE would stop.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-fast check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
+.PHONY: setup test test-fast test-data check-sync check-clean nbtest pytest reproduce reproduce-full sweeps zoo lab bench clean
 
 # Keyed on the *content* of pyproject.toml (nbdev-export rewrites the file, so its mtime is useless).
 setup:
@@ -46,7 +46,11 @@ test: setup check-sync check-clean nbtest pytest
 
 ## make test-fast: the inner loop, unit tests only (-m "not slow": no torchrun, no papermill), no sync/clean checks.
 test-fast: setup
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not dataset"
+
+## make test-data: the full dataset builds from nothing, checked against their data cards (fonts: ~500 MB from npm).
+test-data: setup
+	$(PYTEST) -m dataset
 
 # (1) The package is generated from nbs/: nbdev-export must not change bctnb/.
 check-sync: setup
@@ -63,7 +67,7 @@ nbtest: setup
 
 # (4) pytest: unit tests, torchrun and papermill runs of the pipeline notebooks, in parallel (pytest-xdist).
 pytest: setup
-	$(PYTEST)
+	$(PYTEST) -m "not dataset"
 
 ## make reproduce: the CPU tier on the embedded emoji dataset, ending in a report under reports/.
 reproduce: setup

@@ -432,7 +432,7 @@ Split.load = classmethod(_load_split)
 
 # %% ../nbs/01_data.ipynb #74721cb8
 DATASET_MODULES = {   # dataset name -> the later module that registers it (imported on first lookup; see above)
-    "emoji": "bctnb.emoji",
+    "emoji": "bctnb.emoji", "fonts": "bctnb.fonts",
     **dict.fromkeys(("ms1mv3_rec", "ijbc", "gldv2", "roxford5k", "rparis6k", "market1501"), "bctnb.benchmarks"),
 }
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['EMOJI_PACKAGES', 'EMOJI_STYLES', 'EMOJI_DROP_CATEGORIES', 'EMOJI_BUILD_VERSION', 'emoji_home', 'fetch_emoji_packages',
-           'emoji_catalogue', 'render_emoji', 'build_emoji', 'load_emoji']
+__all__ = ['EMOJI_PACKAGES', 'EMOJI_STYLES', 'EMOJI_DROP_CATEGORIES', 'EMOJI_BUILD_VERSION', 'emoji_home', 'npm_digest_ok',
+           'fetch_npm', 'fetch_emoji_packages', 'emoji_catalogue', 'render_emoji', 'build_emoji', 'load_emoji']
 
 # %% ../nbs/01a_emoji.ipynb #be8e940b
 import numpy as np
@@ -42,46 +42,66 @@ def emoji_home(root=None) -> Path:
 
 def _tgz_name(pkg: str, ver: str) -> str: return f"{pkg.lstrip('@').replace('/', '-')}-{ver}.tgz"
 
-def _npm_pack_cmd(dest) -> str:
-    return f"npm pack {' '.join(f'{p}@{v[0]}' for p, v in EMOJI_PACKAGES.items())} --pack-destination {dest}"
+def _npm_pack_cmd(dest, specs=None) -> str:
+    specs = EMOJI_PACKAGES if specs is None else specs
+    return f"npm pack {' '.join(f'{p}@{v[0]}' for p, v in specs.items())} --pack-destination {dest}"
 
-def fetch_emoji_packages(root=None, npm: str | None = None, timeout: float = 900) -> dict:
-    "Download (once) and verify the pinned npm tarballs into `emoji_home(root)/downloads`; returns {package: path}"
-    dest = emoji_home(root)/"downloads"
-    dest.mkdir(parents=True, exist_ok=True)
+def npm_digest_ok(path, digest: str) -> bool:
+    "Does the file match `digest`: a sha256 hex string, or an npm integrity string (`sha512-<base64>`, as the registry lists)"
+    import base64, hashlib
+    if digest.startswith("sha512-"):
+        h = hashlib.sha512()
+        with open(path, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
+        return "sha512-" + base64.b64encode(h.digest()).decode() == digest
+    return sha256_file(path) == digest
+
+def fetch_npm(specs: dict, dest, what: str, npm: str | None = None, timeout: float = 900, batch: int = 100) -> dict:
+    """Download (once) and verify pinned npm tarballs into `dest`: `specs` = {package: (version, digest, ...)}, the digest
+    a sha256 hex string or an npm integrity string; returns {package: path}. `what` names the dataset in errors"""
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     out, missing = {}, []
-    for pkg, (ver, sha, _) in EMOJI_PACKAGES.items():
+    for pkg, (ver, digest, *_) in specs.items():
         f = dest/_tgz_name(pkg, ver)
-        if f.exists() and sha256_file(f) == sha: out[pkg] = f
+        if f.exists() and npm_digest_ok(f, digest): out[pkg] = f
         else: missing.append(pkg)
     if not missing: return out
     npm = npm or shutil.which("npm")
+    hint = (f"`{_npm_pack_cmd(dest, {p: specs[p] for p in missing[:3]})}`" + (" (and the other packages of the "
+            f"{what} list)" if len(missing) > 3 else ""))
     if npm is None:
-        raise NotFoundError(f"emoji: the source packages {', '.join(missing)} are not in {dest} and `npm` is not on "
-                            "PATH. Install Node.js + npm (e.g. `apt-get install npm`), or on a machine with npm run "
-                            f"`{_npm_pack_cmd(dest)}` and copy the .tgz files there.")
+        raise NotFoundError(f"{what}: {len(missing)} source packages ({', '.join(missing[:3])}"
+                            f"{', …' if len(missing) > 3 else ''}) are not in {dest} and "
+                            "`npm` is not on PATH. Install Node.js + npm (e.g. `apt-get install npm`), or on a machine "
+                            f"with npm run {hint} and copy the .tgz files there.")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [npm, "pack", *(f"{p}@{EMOJI_PACKAGES[p][0]}" for p in missing), "--pack-destination", tmp, "--silent"]
-        try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise NotFoundError(f"emoji: `{' '.join(cmd)}` timed out after {timeout:.0f} s; check the network to the "
-                                "npm registry and retry") from None
-        if p.returncode:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-            raise NotFoundError(f"emoji: `npm pack` failed ({' | '.join(tail)}). Check that the npm registry is "
-                                f"reachable, or run `{_npm_pack_cmd(dest)}` elsewhere and copy the .tgz files there.")
-        for pkg in missing:
-            ver, sha, _ = EMOJI_PACKAGES[pkg]
-            f = Path(tmp)/_tgz_name(pkg, ver)
-            if not f.exists():
-                raise NotFoundError(f"emoji: npm pack did not produce {f.name}; run `{_npm_pack_cmd(dest)}` by hand")
-            got = sha256_file(f)
-            if got != sha:
-                raise IntegrityError(f"emoji: {f.name} from the registry has sha256 {got[:16]}…, expected {sha[:16]}… "
-                                     f"(pinned). The package was republished or corrupted in transit; delete {dest} "
-                                     "and retry.")
-            os.replace(f, dest/f.name); out[pkg] = dest/f.name
+        for b in range(0, len(missing), batch):
+            part = missing[b:b + batch]
+            cmd = [npm, "pack", *(f"{p}@{specs[p][0]}" for p in part), "--pack-destination", tmp, "--silent"]
+            try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise NotFoundError(f"{what}: `npm pack` timed out after {timeout:.0f} s; check the network to the npm "
+                                    "registry and retry (packages already downloaded are kept)") from None
+            if p.returncode:
+                tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+                raise NotFoundError(f"{what}: `npm pack` failed ({' | '.join(tail)}). Check that the npm registry is "
+                                    f"reachable, or run {hint} elsewhere and copy the .tgz files to {dest}.")
+            for pkg in part:
+                ver, digest = specs[pkg][:2]
+                f = Path(tmp)/_tgz_name(pkg, ver)
+                if not f.exists():
+                    raise NotFoundError(f"{what}: npm pack did not produce {f.name}; run {hint} by hand")
+                if not npm_digest_ok(f, digest):
+                    raise IntegrityError(f"{what}: {f.name} from the registry does not match its pinned digest "
+                                         f"{digest[:23]}…. The package was republished or corrupted in transit; delete "
+                                         f"{f.name} and retry.")
+                os.replace(f, dest/f.name); out[pkg] = dest/f.name
     return out
+
+def fetch_emoji_packages(root=None, npm: str | None = None, timeout: float = 900) -> dict:
+    "Download (once) and verify the pinned npm tarballs into `emoji_home(root)/downloads`; returns {package: path}"
+    return fetch_npm(EMOJI_PACKAGES, emoji_home(root)/"downloads", "emoji", npm=npm, timeout=timeout)
+
 
 # %% ../nbs/01a_emoji.ipynb #d8fa0f61
 def _read_tgz(path, want: Callable[[str], bool]) -> dict:

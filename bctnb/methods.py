@@ -81,7 +81,8 @@ class UniBCT(Method):
     defaults = dict(tau_g=0.05, lam_g=0.9, refresh_epochs=None, e0=None, weight=1.0, steps=None, max_vertices=4096,
                     batch_size=256)
     def validate(self):
-        check_range("tau_g", self.tau_g, 0, lo_open=True); check_range("lam_g", self.lam_g, 0, 1, hi_open=True)
+        if self.tau_g not in ("inf", math.inf): check_range("tau_g", self.tau_g, 0, lo_open=True)
+        check_range("lam_g", self.lam_g, 0, 1, hi_open=True)
         check_range("weight", self.weight, 0)
 
     def setup(self, ctx: MethodContext):
@@ -112,10 +113,15 @@ class UniBCT(Method):
         if d is None or d.get_rank() == 0:
             new = extract_features(ctx.new_backbone, ctx.train_set, batch_size=self.batch_size, flip="none",
                                    precision=ctx.precision)
-            P, _, eff = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=self.tau_g, lam=self.lam_g,
+            tau = math.inf if self.tau_g in ("inf", math.inf) else self.tau_g     # inf: the class mean (ablation)
+            P, _, eff = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=tau, lam=self.lam_g,
                                           steps=self.steps,
                                           max_vertices=self.max_vertices, classes=np.arange(self.C))
             self.P = P.to(device=self.P.device, dtype=self.P.dtype); self.eff = eff
+            mean = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=math.inf,
+                                     classes=np.arange(self.C))[0]
+            has = torch.isfinite(eff)                            # classes with training images
+            self.stats = {"proto_cos_mean": (P[has] * mean[has]).sum(1).mean()}   # refined vs plain class mean
             e = eff[torch.isfinite(eff)]
             if len(e): print(f"[unibct] epoch {epoch}: refreshed {self.C} prototypes; "
                              f"effective vertices per class (1/Σπ²): "
@@ -282,9 +288,11 @@ def grad_reverse(x: Tensor, alpha: float) -> Tensor:
 class AdvBCT(Method):
     "L = L_cls + L_p2s(elastic boundary around old class centres) + (E−e+1)/E·L_adv(discriminator with GRL)"
     name = "advbct"; needs_old = True; old_features = "online"
-    defaults = dict(T=1.0, hidden=100, normalize_disc=False, p2s_weight=1.0, adv_weight=1.0, old_source="auto")
+    defaults = dict(T=1.0, T_quantile=None, hidden=100, normalize_disc=False, joint_disc=False, p2s_weight=1.0,
+                    adv_weight=1.0, old_source="auto")
     def validate(self):
         check_range("T", self.T, 0, lo_open=True)
+        if self.T_quantile is not None: check_range("T_quantile", self.T_quantile, 0, 1)
         for k in ("p2s_weight", "adv_weight"): check_range(k, getattr(self, k), 0)
 
     def setup(self, ctx: MethodContext):
@@ -295,11 +303,19 @@ class AdvBCT(Method):
         dev = self._ctx_device
         self.center, self.rmax, self.eligible = (meta["center"].to(dev), meta["radius_max"].to(dev),
                                                  meta["eligible"].to(dev))
+        if self.T_quantile is not None:                         # T below R_max: a quantile of the classes' R_k
+            self.T = float(torch.quantile(self.rmax[self.eligible].float().cpu(), float(self.T_quantile)))
         with torch.random.fork_rng(devices=[]):                 # seeded init without touching the trainer's global RNG
             torch.manual_seed(derive_seed(int(ctx.seed), "advbct"))
             self.w = nn.Parameter((torch.rand(C) * 2 - 1).to(dev))
             self.disc = nn.Sequential(nn.Linear(d, self.hidden), nn.BatchNorm1d(self.hidden), nn.ReLU(),
                                       nn.Linear(self.hidden, 2), nn.LogSoftmax(dim=1)).to(dev)
+
+    def discriminate(self, fn: Tensor, on: Tensor) -> tuple[Tensor, Tensor]:
+        "D's log-probabilities for the new and the old rows: two calls (official code), or one joint batch (`joint_disc`)"
+        if not self.joint_disc: return self.disc(fn), self.disc(on)
+        d = self.disc(torch.cat([fn, on.to(fn.dtype)]))
+        return d[:len(fn)], d[len(fn):]
 
     def radius(self, y: Tensor) -> Tensor:
         R = self.rmax[y]; delta = (R - self.T).abs(); s = torch.sigmoid(self.w[y])
@@ -315,10 +331,12 @@ class AdvBCT(Method):
         alpha = 2.0 / (1.0 + math.exp(-10 * p)) - 1.0
         o = self.old_feats(batch)
         fn, on = (F.normalize(f, dim=1), F.normalize(o, dim=1)) if self.normalize_disc else (f, o)
-        d_new, d_old = self.disc(grad_reverse(fn, alpha)), self.disc(on)
+        d_new, d_old = self.discriminate(grad_reverse(fn, alpha), on)
         adv = F.nll_loss(d_new, torch.zeros_like(y)) + F.nll_loss(d_old, torch.ones_like(y))
         wt = (batch.epochs - batch.epoch + 1) / batch.epochs
+        r = self.radius(y)[self.eligible[y]].detach()
         self.stats = {"outside_ball": viol.mean().detach(),          # share of the batch outside its class ball
+                      "radius_over_rmax": (r / self.rmax[y][self.eligible[y]].clamp(min=1e-12)).mean(),
                       "disc_acc": 0.5 * (d_new.detach().argmax(1).eq(0).float().mean()
                                          + d_old.detach().argmax(1).eq(1).float().mean())}
         return {"cls": self.cls_loss(batch), "p2s": self.p2s_weight * p2s, "adv": self.adv_weight * wt * adv}

@@ -182,8 +182,10 @@ def _refine_class(o: Tensor, n: Tensor, tau: float, lam: float, steps: int | Non
 def refine_prototypes(old_feats: Tensor, new_feats: Tensor, labels, tau: float = 0.05, lam: float = 0.9,
                       steps: int | None = None, max_vertices: int = 4096, transition: str = "row",
                       classes=None, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    "UniBCT prototypes: (C×d refined prototypes, classes, per-class effective vertex count 1/Σπ²)"
-    check_range("tau", tau, 0, lo_open=True); check_range("lam", lam, 0, 1, hi_open=True)
+    """UniBCT prototypes: (C×d refined prototypes, classes, per-class effective vertex count 1/Σπ²). `tau=math.inf`
+    makes the graph uniform, so π is uniform and the prototype is the spherical mean of the class's old features"""
+    if tau != math.inf: check_range("tau", tau, 0, lo_open=True)
+    check_range("lam", lam, 0, 1, hi_open=True)
     check_choice("transition", transition, ["row", "column"])
     o_all = F.normalize(torch.as_tensor(old_feats).double(), dim=1)
     n_all = F.normalize(torch.as_tensor(new_feats).double(), dim=1)
