@@ -358,8 +358,11 @@ class WeakenedL2(Method):
     defaults = dict(lam=10.0, tau=0.2, old_source="auto")
     def validate(self): check_range("lam", self.lam, 0); check_range("tau", self.tau, 0, 2)
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"cls": self.cls_loss(batch),
-                "l2": self.lam * weakened_l2_loss(batch.feats, self.old_feats(batch), self.tau)}
+        o = self.old_feats(batch)
+        with torch.no_grad():                                   # diagnostics: pairs already within τ (no gradient)
+            d = (F.normalize(batch.feats.float(), dim=1) - F.normalize(o.float(), dim=1)).norm(dim=1)
+            self.stats = {"below_tau": (d <= self.tau).float().mean(), "cos_new_old": (1 - d * d / 2).mean()}
+        return {"cls": self.cls_loss(batch), "l2": self.lam * weakened_l2_loss(batch.feats, o, self.tau)}
 
 @METHODS.register()
 class L2(WeakenedL2):

@@ -65,7 +65,9 @@ class LCE(Method):
                            + F.mse_loss(F.normalize(self.psi_b(w), dim=1), c))
             f = self.psi_b(f)
         else: align = F.mse_loss(w, c)
-        bound = F.relu(self.boundary[y] - (F.normalize(f, dim=1) * c[y]).sum(1)).mean()
+        cos = (F.normalize(f, dim=1) * c[y]).sum(1)
+        bound = F.relu(self.boundary[y] - cos).mean()
+        self.stats = {"inside_boundary": (cos >= self.boundary[y]).float().mean().detach()}   # hinge inactive
         return {"cls": self.cls_loss(batch), "align": self.lam_align * align, "bound": self.lam_bound * bound}
 
 # %% ../nbs/04a_methods.ipynb #5c10245b
@@ -215,7 +217,7 @@ class NCCL(Method):
                          ql=torch.full((self.K,), -1, dtype=torch.int64, device=dev),
                          valid=torch.zeros(self.K, dtype=torch.bool, device=dev)).items():
             self.register_buffer(k, v, persistent=True)                # training state: in the trainer's checkpoint
-        self.ptr = 0
+        self.ptr = 0; self.n_train = len(self.split_labels(ctx))
         self.cred = None
         if self.filter:
             cred = self.artefact(ctx, "nccl_filter", lambda: {
@@ -257,6 +259,8 @@ class NCCL(Method):
                     1, oq.masked_fill(~pos, float("-inf")).topk(k, dim=1).indices, True)
                 rows, cols = pos.nonzero(as_tuple=True)
             else: rows, cols = same_label_pairs(labels, ql)        # the positives: ≈ K/C per anchor
+            self.stats = {"positives_per_anchor": torch.tensor(len(rows) / max(1, len(labels))),
+                          "queue_over_train": torch.tensor(self.K / max(1, self.n_train))}  # > 1: repeated copies
             w = (1 + (o_hat[rows].float() * q[cols].float()).sum(1)) / 2    # consensus weights w_ij = (1 + ô_i·q_j)/2
         with amp():                                             # the two big matmuls: side dtype (Precision.side_dtype)
             s_emb, s_disc = F.normalize(f.float(), dim=1) @ q.T, zn @ z.T
@@ -364,6 +368,7 @@ class MixBCT(Method):
                                 "credible": credible_mask(self.old_pair(ctx)[:, 0].cpu(), y, self.T, self.column_norm)},
                             T=self.T, column_norm=self.column_norm)
         self.credible = art["credible"].to(self._ctx_device)
+        self.stats = {"denoised_share": 1 - self.credible.float().mean()}   # old features never mixed in (non-credible)
         self.seed, self.rank = int(ctx.seed), int(ctx.rank)
         self.last_rows = None
 

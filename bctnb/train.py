@@ -327,7 +327,10 @@ class Trainee(nn.Module):
     def forward(self, x, **fields):
         with self.precision.autocast(): f = self.backbone(x)
         batch = Batch(images=x, feats=f.float(), head=self.head, **fields)
-        return self.method(batch)
+        out = self.method(batch)
+        # every run logs its mean feature norm (stat_feat_norm): a new/old ratio far from 1 flags a norm shortcut
+        self.method.stats["feat_norm"] = batch.feats.detach().norm(dim=1).mean()
+        return out
 
 def freeze(m: nn.Module | None) -> nn.Module | None:
     "requires_grad off for every parameter, eval mode"

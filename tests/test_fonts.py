@@ -61,6 +61,7 @@ def test_small_build_is_deterministic_drops_copies_and_loads(small, downloads, t
     assert man2["sha256"] == man["sha256"] and man2["content_sha256"] == man["content_sha256"]
 
 
+@pytest.mark.slow
 def test_missing_or_damaged_tarballs_are_clear_errors(small, downloads, tmp_path, monkeypatch):
     home = tmp_path / "fonts"
     with pytest.raises(NotFoundError, match=r"source tarballs missing .* download=True"):

@@ -268,9 +268,19 @@ def test_every_method_trains_a_few_steps(old_run, name, tmp_path):
     assert "loss_cls" in terms and m[terms].dropna().map(math.isfinite).all().all()
     assert m["loss"].dropna().map(math.isfinite).all()
     assert int(m["step"].max()) == 2
-    if name == "advbct":                  # its diagnostics reach the training log next to the loss terms
-        st = m[["stat_outside_ball", "stat_disc_acc"]].dropna()
-        assert len(st) and st.map(lambda v: 0 <= v <= 1).all().all()
+    # mechanism diagnostics (Method.stats) reach the training log next to the loss terms; shares lie in [0, 1]
+    stats = ["stat_feat_norm"] + [f"stat_{k}" for k in MECHANISM_STATS.get(name, ())]
+    st = m[stats].dropna()
+    assert len(st) and (st["stat_feat_norm"] > 0).all(), stats
+    shares = [c for c in stats if any(w in c for w in ("share", "outside", "inside", "below", "acc"))]
+    assert st[shares].map(lambda v: 0 <= v <= 1).all().all()
+
+
+MECHANISM_STATS = {   # what each method logs to show its mechanism acting (issue 15's diagnostics)
+    "advbct": ("outside_ball", "radius_over_rmax", "disc_acc"), "mixbct": ("denoised_share",),
+    "nccl": ("positives_per_anchor", "queue_over_train"), "lce": ("inside_boundary",),
+    "weakened_l2": ("below_tau", "cos_new_old"), "l2": ("below_tau", "cos_new_old"),
+    "unibct": ("proto_cos_mean",)}
 
 
 STATEFUL = ("nccl", "unibct")             # training state outside parameters: NCCL's queue, UniBCT's refreshed prototypes
