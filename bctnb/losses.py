@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 # %% auto #0
 __all__ = ['METHOD_MODULES', 'METHODS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first',
            'projection_methods', 'Method', 'get_method', 'available_methods', 'gallery_fn', 'gallery_transform_of',
-           'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'methods_table']
+           'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'BCTNorm', 'methods_table']
 
 # %% ../nbs/04_losses.ipynb #b3ba604c
 import numpy as np
@@ -423,6 +423,19 @@ class BCT(Method):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         logits, y = self.influence_logits(batch.feats, batch.global_labels)
+        return {"cls": self.cls_loss(batch), "bct": self.lam * F.cross_entropy(logits, y)}
+
+# %% ../nbs/04_losses.ipynb #b3b96de2
+@METHODS.register()
+class BCTNorm(BCT):
+    "L = L_cls + λ·CE(H_old(‖o‖·f̂), y_infl): BCT on the new direction at the old feature's norm (no norm shortcut)"
+    name = "bct_norm"; old_features = "online"; ablation = True
+    defaults = dict(BCT.defaults, old_source="auto")
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        o = self.old_feats(batch).float()
+        f = F.normalize(batch.feats.float(), dim=1) * o.norm(dim=1, keepdim=True)
+        logits, y = self.influence_logits(f, batch.global_labels)
         return {"cls": self.cls_loss(batch), "bct": self.lam * F.cross_entropy(logits, y)}
 
 # %% ../nbs/04_losses.ipynb #cdf9c4af
