@@ -198,8 +198,8 @@ def nccl_filter(feats: Tensor, labels: Tensor) -> Tensor:
 class NCCL(Method):
     "L = L_cls + α·L_emb(f̂ vs queue of ô) + β·L_disc(z^n vs queue of z^o), consensus-weighted soft positives"
     name = "nccl"; needs_old = True; old_features = "online"
-    defaults = dict(K=8192, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False, disc_logits="norm",
-                    queue_dtype="auto", old_source="auto")
+    defaults = dict(K=8192, cap_K=False, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
+                    disc_logits="norm", queue_dtype="auto", old_source="auto")
     def validate(self):
         check(isinstance(self.K, int) and self.K >= 1, f"K={self.K!r} must be a positive integer (queue capacity)")
         check_range("tau", self.tau, 0, lo_open=True); check_choice("positives", self.positives, ["class", "topk"])
@@ -209,6 +209,8 @@ class NCCL(Method):
     def setup(self, ctx: MethodContext):
         super().setup(ctx)
         C, d_n = ctx.new_head.weight.shape; d_o = self.dims[0] or d_n
+        self.n_train = len(self.split_labels(ctx))
+        if self.cap_K: self.K = min(int(self.K), self.n_train)     # a queue no longer than the training split
         dev = self._ctx_device
         side = getattr(ctx.precision, "side_dtype", None)
         dt = (side or torch.float32) if self.queue_dtype == "auto" else getattr(torch, self.queue_dtype)
@@ -217,7 +219,7 @@ class NCCL(Method):
                          ql=torch.full((self.K,), -1, dtype=torch.int64, device=dev),
                          valid=torch.zeros(self.K, dtype=torch.bool, device=dev)).items():
             self.register_buffer(k, v, persistent=True)                # training state: in the trainer's checkpoint
-        self.ptr = 0; self.n_train = len(self.split_labels(ctx))
+        self.ptr = 0
         self.cred = None
         if self.filter:
             cred = self.artefact(ctx, "nccl_filter", lambda: {
