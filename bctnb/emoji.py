@@ -47,7 +47,7 @@ def _npm_pack_cmd(dest, specs=None) -> str:
     return f"npm pack {' '.join(f'{p}@{v[0]}' for p, v in specs.items())} --pack-destination {dest}"
 
 def npm_digest_ok(path, digest: str) -> bool:
-    "Does the file match `digest`: a sha256 hex string, or an npm integrity string (`sha512-<base64>`, as the registry lists)"
+    "Does the file match `digest`: a sha256 hex string, or an npm integrity string (`sha512-<base64>`, the registry's)"
     import base64, hashlib
     if digest.startswith("sha512-"):
         h = hashlib.sha512()
@@ -57,8 +57,8 @@ def npm_digest_ok(path, digest: str) -> bool:
     return sha256_file(path) == digest
 
 def fetch_npm(specs: dict, dest, what: str, npm: str | None = None, timeout: float = 900, batch: int = 100) -> dict:
-    """Download (once) and verify pinned npm tarballs into `dest`: `specs` = {package: (version, digest, ...)}, the digest
-    a sha256 hex string or an npm integrity string; returns {package: path}. `what` names the dataset in errors"""
+    """Download (once) and verify pinned npm tarballs into `dest`: `specs` = {package: (version, digest, ...)}, the
+    digest a sha256 hex string or an npm integrity string; returns {package: path}; `what` names the data in errors"""
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     out, missing = {}, []
     for pkg, (ver, digest, *_) in specs.items():

@@ -31,7 +31,7 @@ NOTDEF = "\ue000"          # a private-use character: a Latin font draws its .no
 FONTS_PILLOW = "13.0.0"     # glyph rasterisation differs between Pillow/FreeType versions: the build pins this one
 
 def font_packages() -> dict:
-    "{npm package: (version, npm integrity, licence, category)} for every pinned `@fontsource` family (`bctnb/fontsource.tsv`)"
+    "{npm package: (version, npm integrity, licence, category)} of every pinned `@fontsource` family (fontsource.tsv)"
     out = {}
     for line in (resources.files("bctnb")/"fontsource.tsv").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -117,6 +117,8 @@ def _copies(stacks: list, rms: float) -> dict:
     return out
 
 # %% ../nbs/01c_fonts.ipynb #927b4c06
+def _tally(values) -> dict: return {k: int(n) for k, n in zip(*np.unique(values, return_counts=True))}
+
 def _fonts_params(max_faces, n_perm, cell, copy_rms) -> dict:
     pk = font_packages()
     return {"max_faces": int(max_faces), "n_perm": int(n_perm), "cell": int(cell), "copy_rms": float(copy_rms),
@@ -185,8 +187,7 @@ def build_fonts(root=None, max_faces: int = 4, n_perm: int = 2, cell: int = 16, 
                       "images per family (median)": int(np.median(per)), "images per family (min)": int(per.min()),
                       "images per family (max)": int(per.max()),
                       "families_by_faces": {str(k): int(nf[k]) for k in range(1, max_faces + 1) if nf[k]},
-                      "families_by_category": dict(zip(*map(lambda a: a.tolist(), np.unique(cats, return_counts=True)))),
-                      "families_by_licence": dict(zip(*map(lambda a: a.tolist(), np.unique(lics, return_counts=True))))},
+                      "families_by_category": _tally(cats), "families_by_licence": _tally(lics)},
            "dropped": {"copies": copy_of, "incomplete_faces": incomplete, "families_without_a_complete_face": no_face},
            "packages": {p: {"version": v[0], "integrity": v[1], "license": v[2]} for p, v in pk.items()},
            "renderer": {"pillow": PIL.__version__, "freetype": features.version("freetype2"), "numpy": np.__version__},

@@ -131,6 +131,8 @@ class Method(nn.Module):
     trains_as: ClassVar[str | None] = None        # the method whose training run this one shares (None: its own)
     post_epochs: ClassVar[dict] = {}              # post-training stage: default epochs per scale / preset
     ablation: ClassVar[bool] = False              # an ablation of another method: studies run it only when asked
+    # "did the mechanism act": (statistic of `mechanism()`, ">" or "<", threshold, what passing means); None: no rule
+    mechanism_rule: ClassVar[tuple | None] = None
 
     def __init__(self, **hparams):
         super().__init__()
@@ -150,6 +152,16 @@ class Method(nn.Module):
 
     def validate(self):
         "Override: check `self.hparams`, raise `ConfigError` naming the value and the fix"
+
+    def mechanism(self, old: Tensor, new: Tensor, labels) -> dict[str, float]:
+        """Diagnostics of a trained pair, measured after training on the new model's training images (raw old and new
+        features, no augmentation): `norm_ratio` = mean ‖f‖ / mean ‖o‖ and, with equal dims, `cos_new_old` (same-image
+        cosine). Subclasses add the statistics that show their own mechanism acting (`mechanism_rule`)."""
+        old, new = torch.as_tensor(old).float(), torch.as_tensor(new).float()
+        out = {"norm_ratio": float(new.norm(dim=1).mean() / old.norm(dim=1).mean().clamp(min=1e-12))}
+        if old.shape[1] == new.shape[1]:
+            out["cos_new_old"] = float((F.normalize(new, dim=1) * F.normalize(old, dim=1)).sum(1).mean())
+        return out
 
     def __getattr__(self, k):
         hp = self.__dict__.get("hparams")
@@ -356,7 +368,15 @@ class WeakenedL2(Method):
     "L = L_cls + λ·mean_i max(0, ‖f̂_i − ô_i‖ − τ)   (l2: τ = 0)"
     name = "weakened_l2"; needs_old = True; old_features = "online"
     defaults = dict(lam=10.0, tau=0.2, old_source="auto")
+    mechanism_rule = ("below_tau", ">", 0.0, "some pairs end within the slack τ (else it equals l2)")
     def validate(self): check_range("lam", self.lam, 0); check_range("tau", self.tau, 0, 2)
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        out = super().mechanism(old, new, labels)
+        if "cos_new_old" in out:
+            d = (F.normalize(torch.as_tensor(new).float(), dim=1) - F.normalize(torch.as_tensor(old).float(), dim=1))
+            out["below_tau"] = float((d.norm(dim=1) <= self.tau).float().mean())
+        return out
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         o = self.old_feats(batch)
         with torch.no_grad():                                   # diagnostics: pairs already within τ (no gradient)
@@ -369,6 +389,7 @@ class L2(WeakenedL2):
     "L = L_cls + λ·mean_i ‖f̂_i − ô_i‖₂ (weakened_l2 with τ = 0)"
     name = "l2"
     defaults = dict(lam=10.0, old_source="auto")
+    mechanism_rule = None
     def validate(self): self.hparams["tau"] = 0.0; super().validate()
 
 # %% ../nbs/04_losses.ipynb #84404dab
@@ -377,6 +398,7 @@ class BCT(Method):
     "L = L_cls + λ·CE(H_old(f; [W_old ; synthesized rows]), y_infl): the old head classifies the new features"
     name = "bct"; needs_old = True; old_features = None
     defaults = dict(lam=1.0, keep_old_rows=True, synth_norm="match_median")
+    # no rule: the influence loss always acts; whether it acts through the norm shows in norm_ratio next to the others
     def validate(self):
         check_range("lam", self.lam, 0); check_choice("synth_norm", self.synth_norm, ["match_median", "raw"])
 

@@ -45,6 +45,16 @@ class LCE(Method):
     "L = L_cls + λ_a·MSE(ŵ_n, c) + λ_b·mean_i max(0, b_{y_i} − f̂_i·c_{y_i})"
     name = "lce"; needs_old = True; old_features = None
     defaults = dict(lam_align=100.0, lam_bound=1.0, use_trans=False)
+    mechanism_rule = ("inside_boundary", "<", 1.0, "the boundary hinge is active for some images")
+
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        out = super().mechanism(old, new, labels)
+        if "cos_new_old" in out:                                  # new features against the old class centres
+            art = lce_centres(torch.as_tensor(old), labels)
+            row = torch.searchsorted(art["class"], torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+            cos = (F.normalize(torch.as_tensor(new).float(), dim=1) * art["center"][row]).sum(1)
+            out["inside_boundary"] = float((cos >= art["boundary_cos"][row]).float().mean())
+        return out
     def validate(self): self.equal_dims = not self.use_trans        # with the transformations, dims may differ
 
     def setup(self, ctx: MethodContext):
@@ -82,6 +92,16 @@ class UniBCT(Method):
     name = "unibct"; needs_old = True; old_features = None
     defaults = dict(tau_g=0.05, lam_g=0.9, refresh_epochs=None, e0=None, weight=1.0, steps=None, max_vertices=4096,
                     batch_size=256)
+    mechanism_rule = ("proto_cos_mean", "<", 0.995, "refined prototypes differ from the plain class means")
+
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        "`proto_cos_mean`: cosine of the prototypes refined over the final new model's graph to the class means"
+        out = super().mechanism(old, new, labels)
+        tau = math.inf if self.tau_g in ("inf", math.inf) else self.tau_g
+        P = refine_prototypes(old, new, labels, tau=tau, lam=self.lam_g, max_vertices=self.max_vertices)[0]
+        M = refine_prototypes(old, new, labels, tau=math.inf)[0]
+        out["proto_cos_mean"] = float((P * M).sum(1).mean())
+        return out
     def validate(self):
         if self.tau_g not in ("inf", math.inf): check_range("tau_g", self.tau_g, 0, lo_open=True)
         check_range("lam_g", self.lam_g, 0, 1, hi_open=True)
@@ -200,6 +220,12 @@ class NCCL(Method):
     name = "nccl"; needs_old = True; old_features = "online"
     defaults = dict(K=8192, cap_K=False, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
                     disc_logits="norm", queue_dtype="auto", old_source="auto")
+    mechanism_rule = ("queue_over_train", "<", 1.0 + 1e-9, "the queue holds no repeated copies of the split")
+
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        n, C = len(labels), len(np.unique(np.asarray(labels)))
+        K = min(int(self.K), n) if self.cap_K else int(self.K)
+        return {**super().mechanism(old, new, labels), "queue_over_train": K / n, "positives_per_anchor": min(K, n) / C}
     def validate(self):
         check(isinstance(self.K, int) and self.K >= 1, f"K={self.K!r} must be a positive integer (queue capacity)")
         check_range("tau", self.tau, 0, lo_open=True); check_choice("positives", self.positives, ["class", "topk"])
@@ -296,6 +322,20 @@ class AdvBCT(Method):
     name = "advbct"; needs_old = True; old_features = "online"
     defaults = dict(T=1.0, T_quantile=None, hidden=100, normalize_disc=False, joint_disc=False, p2s_weight=1.0,
                     adv_weight=1.0, old_source="auto")
+    mechanism_rule = ("T_above_rmax", "<", 0.5, "T is below R_k for most classes (else the boundary can only loosen)")
+
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        "`T_above_rmax`: share of classes with T > R_k; `outside_ball`: share of new features outside their R_k ball"
+        out = super().mechanism(old, new, labels)
+        meta = advbct_class_meta(old, labels); e = meta["eligible"]
+        T = (float(torch.quantile(meta["radius_max"][e], float(self.T_quantile))) if self.T_quantile is not None
+             else float(self.T))
+        out["T_above_rmax"] = float((meta["radius_max"][e] < T).float().mean()) if e.any() else float("nan")
+        if "cos_new_old" in out:
+            row = torch.searchsorted(meta["class"], torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+            dist = (F.normalize(torch.as_tensor(new).float(), dim=1) - meta["center"][row]).norm(dim=1)
+            out["outside_ball"] = float((dist > meta["radius_max"][row])[e[row]].float().mean())
+        return out
     def validate(self):
         check_range("T", self.T, 0, lo_open=True)
         if self.T_quantile is not None: check_range("T_quantile", self.T_quantile, 0, 1)
@@ -318,7 +358,7 @@ class AdvBCT(Method):
                                       nn.Linear(self.hidden, 2), nn.LogSoftmax(dim=1)).to(dev)
 
     def discriminate(self, fn: Tensor, on: Tensor) -> tuple[Tensor, Tensor]:
-        "D's log-probabilities for the new and the old rows: two calls (official code), or one joint batch (`joint_disc`)"
+        "D's log-probabilities of the new and the old rows: two calls (official code), or one joint batch (joint_disc)"
         if not self.joint_disc: return self.disc(fn), self.disc(on)
         d = self.disc(torch.cat([fn, on.to(fn.dtype)]))
         return d[:len(fn)], d[len(fn):]
@@ -359,6 +399,12 @@ class MixBCT(Method):
     "L = CE(H(z), y) on a batch whose min(⌊αb⌋, |credible|) random credible rows are replaced by their old features"
     name = "mixbct"; needs_old = True; old_features = "online"
     defaults = dict(alpha=0.3, T=0.9, mode="replace", column_norm=False, old_source="auto")
+    mechanism_rule = ("denoised_share", ">", 0.0, "denoising removes some old features")
+
+    def mechanism(self, old, new, labels) -> dict[str, float]:
+        "`denoised_share`: share of the old features the credibility rule leaves out"
+        cred = credible_mask(old, labels, self.T, self.column_norm)
+        return {**super().mechanism(old, new, labels), "denoised_share": float(1 - cred.float().mean())}
     def validate(self):
         check_range("alpha", self.alpha, 0, 1); check_range("T", self.T, 0, 1, lo_open=True)
         check_choice("mode", self.mode, ["replace", "append"])

@@ -14,8 +14,8 @@ from typing import Any, Callable
 __all__ = ['FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'PROTOCOLS', 'module_hash', 'dataset_fingerprint', 'features_cache_dir',
            'features_for', 'ProtocolData', 'protocol_root', 'retrieval_protocol', 'roxford5k_protocol',
            'rparis6k_protocol', 'gldv2_protocol', 'market1501_protocol', 'ijbc_protocol', 'pair_tar', 'split_images',
-           'cpu_tier_protocol', 'list_protocols', 'ProtocolResult', 'head_uncertainty', 'evaluate_protocol',
-           'fit_post_stage']
+           'cpu_tier_protocol', 'list_protocols', 'mechanism_stats', 'ProtocolResult', 'head_uncertainty',
+           'evaluate_protocol', 'fit_post_stage']
 
 # %% ../nbs/07b_protocols.ipynb #dfbef302
 import numpy as np
@@ -274,6 +274,23 @@ def cpu_tier_protocol(root=None, config=None, far: float = 1e-3) -> ProtocolData
                         info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far})
 
 def list_protocols() -> list[str]: return PROTOCOLS.names()
+
+def mechanism_stats(old_model, new_model, config, method: str, method_kw: dict | None = None, cache_dir=None) -> dict:
+    """Did `method`'s mechanism act: `Method.mechanism` on the old and new features of `config`'s new training images
+    (cached like every feature), plus its rule as text and `acted` (True / False; None without a rule or value)"""
+    from bctnb.losses import get_method
+    from bctnb.data import ArrayDataset
+    m = get_method(method, **(method_kw or {}))
+    imgs, y = split_images(config, "new")
+    ds = ArrayDataset(imgs, y, name="new-split")
+    old, new = (features_for(x, ds, cache_dir=cache_dir) for x in (old_model, new_model))
+    out = m.mechanism(old, new, y)
+    if m.mechanism_rule is not None:
+        stat, op, thr, meaning = m.mechanism_rule
+        v = out.get(stat)
+        out["acted"] = None if v is None or v != v else bool(v > thr if op == ">" else v < thr)
+        out["rule"] = f"{stat} {op} {thr:g}: {meaning}"
+    return out
 
 # %% ../nbs/07b_protocols.ipynb #45fb3a39
 @dataclass

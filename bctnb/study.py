@@ -171,7 +171,7 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     stage, h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in
     the new run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g))
     ("new/h(old)")."""
-    from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage, mechanism_stats
     from bctnb.losses import METHODS, gallery_fn
     data = PROTOCOLS["cpu_tier"](config=cfg)
     name = parse_method(method)[0] if method else cfg.method
@@ -187,7 +187,9 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}
     r = ev.new["new"]
     out = {"old/old": keep(ev.old_old), "self": keep(r["self"]), "cross": keep(r["cross"]),
-           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
+           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"],
+           "mechanism": mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name,
+                                        {**cfg.method_kw, **(parse_method(method)[1] if method else {})})}
     if refresh:
         rr = ev.refresh["new"]
         out["refresh"] = {"curves": rr.curves.to_dict(orient="list"), "summary": rr.summary.to_dict(orient="records")}
@@ -331,6 +333,7 @@ def load_results(study_dir) -> pd.DataFrame:
                                      "old_train_wall_s")}
         for side in SIDES:
             for k, v in r["metrics"][side].items(): row[f"{side}:{k}"] = v
+        for k, v in r["metrics"].get("mechanism", {}).items(): row[f"mechanism:{k}"] = v    # did the mechanism act
         rows.append(row)
     return pd.DataFrame(rows)
 

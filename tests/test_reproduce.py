@@ -41,6 +41,10 @@ def test_reproduce_notebook_smoke(nb, params, tmp_path, runs):
         assert df[f"{side}:mAP"].between(0, 1).all()
     readme = (out_dir / "README.md").read_text()
     assert "## Verdicts" in readme and "## Environment and cost" in readme
+    # every result carries its mechanism diagnostics, and the report prints them
+    mech = [json.loads(f.read_text())["metrics"]["mechanism"] for f in results]
+    assert all(m["norm_ratio"] > 0 for m in mech)
+    assert "## Did the mechanism act" in readme and "| acted |" in readme
     assert (out_dir / "summary.csv").exists() and (out_dir / "cross_mAP.png").stat().st_size > 1000
     if "refresh_methods" in params:
         assert (out_dir / "hot_refresh.png").exists()
