@@ -218,6 +218,7 @@ def nccl_filter(feats: Tensor, labels: Tensor) -> Tensor:
 class NCCL(Method):
     "L = L_cls + α·L_emb(f̂ vs queue of ô) + β·L_disc(z^n vs queue of z^o), consensus-weighted soft positives"
     name = "nccl"; needs_old = True; old_features = "online"
+    n_train = 0                                                  # the training split's size, known after setup()
     defaults = dict(K=8192, cap_K=False, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
                     disc_logits="norm", queue_dtype="auto", old_source="auto")
     mechanism_rule = ("queue_over_train", "<", 1.0 + 1e-9, "the queue holds no repeated copies of the split")
@@ -287,8 +288,8 @@ class NCCL(Method):
                     1, oq.masked_fill(~pos, float("-inf")).topk(k, dim=1).indices, True)
                 rows, cols = pos.nonzero(as_tuple=True)
             else: rows, cols = same_label_pairs(labels, ql)        # the positives: ≈ K/C per anchor
-            self.stats = {"positives_per_anchor": torch.tensor(len(rows) / max(1, len(labels))),
-                          "queue_over_train": torch.tensor(self.K / max(1, self.n_train))}  # > 1: repeated copies
+            self.stats = {"positives_per_anchor": torch.tensor(len(rows) / max(1, len(labels)))}
+            if self.n_train: self.stats["queue_over_train"] = torch.tensor(self.K / self.n_train)  # > 1: copies
             w = (1 + (o_hat[rows].float() * q[cols].float()).sum(1)) / 2    # consensus weights w_ij = (1 + ô_i·q_j)/2
         with amp():                                             # the two big matmuls: side dtype (Precision.side_dtype)
             s_emb, s_disc = F.normalize(f.float(), dim=1) @ q.T, zn @ z.T

@@ -1,0 +1,54 @@
+"""Add the mechanism diagnostics (issue 15: "did the mechanism act") to committed study results that predate them, and
+re-render those studies' reports.
+
+Only pairs whose models are in the model zoo can be measured (the seed-0 models of the CPU-scale studies); the other
+results stay without diagnostics, and the report counts what was measured ("acted: k/n" over measured seeds). A
+verdict becomes "not tested here (mechanism inert)" only when every seed was measured, so a seed-0 backfill never
+changes a verdict. Each pair is restored from git history (`make zoo`), its run id checked, and measured with
+`bctnb.protocols.mechanism_stats` exactly as `bctnb.study.evaluate_pair` measures new results. Nothing else in a
+result file changes; the README is re-rendered with its own title, intro and scale, and the script stops if anything
+but the mechanism section would change.
+
+    python scripts/backfill_mechanism.py [study ...]      # default: unibct_cpu mixbct_cpu hot_refresh_cpu
+"""
+import re, sys
+from pathlib import Path
+
+from bctnb.core import load_json, save_json
+from bctnb.protocols import mechanism_stats
+from bctnb.report import write_report
+from bctnb.runs import Run
+from bctnb.study import parse_method, restore_zoo, zoo_index
+from bctnb.train import TrainConfig
+
+ROOT = Path.cwd()
+
+
+def backfill(study: str) -> int:
+    d, idx, n = ROOT/"reports"/study, zoo_index(ROOT), 0
+    for f in sorted((d/"runs").glob("*.json")):
+        r = load_json(f, "study result")
+        if "mechanism" in r["metrics"] or r["new_run"] not in idx or r["old_run"] not in idx: continue
+        new, old = (restore_zoo([rid])[0] for rid in (r["new_run"], r["old_run"]))
+        cfg = TrainConfig.from_dict(Run(new).config)
+        name, kw = parse_method(r["method"])
+        r["metrics"]["mechanism"] = mechanism_stats(old/"model", new/"model", cfg, name, {**cfg.method_kw, **kw})
+        save_json(f, r); n += 1
+        print(f"{study}: {r['label']}: {r['metrics']['mechanism'].get('acted')}", flush=True)
+    return n
+
+
+def rerender(study: str):
+    d = ROOT/"reports"/study
+    before = (d/"README.md").read_text()
+    m = re.match(r"# (.*?)\n\n(.*?)\n\nScale `(\w+)`", before, re.S)
+    write_report(study, d, title=m.group(1), intro=m.group(2), scale=m.group(3))
+    after = (d/"README.md").read_text()
+    strip = lambda s: re.sub(r"## Did the mechanism act\n.*?\n(?=Pass marks)", "", s, flags=re.S)
+    if strip(after) != strip(before):
+        raise SystemExit(f"{study}: re-rendering changed more than the mechanism section; inspect reports/{study}")
+
+
+if __name__ == "__main__":
+    for s in sys.argv[1:] or ["unibct_cpu", "mixbct_cpu", "hot_refresh_cpu"]:
+        print(s, backfill(s), "results measured"); rerender(s)
