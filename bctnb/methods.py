@@ -221,7 +221,7 @@ class NCCL(Method):
     n_train = 0                                                  # the training split's size, known after setup()
     defaults = dict(K=8192, cap_K=False, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
                     disc_logits="norm", queue_dtype="auto", old_source="auto")
-    mechanism_rule = ("queue_over_train", "<", 1.0 + 1e-9, "the queue holds no repeated copies of the split")
+    mechanism_rule = ("positives_per_anchor", ">", 0.0, "anchors find old features of their class in the queue")
 
     def mechanism(self, old, new, labels) -> dict[str, float]:
         n, C = len(labels), len(np.unique(np.asarray(labels)))

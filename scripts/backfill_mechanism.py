@@ -9,7 +9,7 @@ changes a verdict. Each pair is restored from git history (`make zoo`), its run 
 result file changes; the README is re-rendered with its own title, intro and scale, and the script stops if anything
 but the mechanism section would change.
 
-    python scripts/backfill_mechanism.py [study ...]      # default: unibct_cpu mixbct_cpu hot_refresh_cpu
+    python scripts/backfill_mechanism.py [--redo] [study ...]   # default: unibct_cpu mixbct_cpu hot_refresh_cpu
 """
 import re, sys
 from pathlib import Path
@@ -24,11 +24,11 @@ from bctnb.train import TrainConfig
 ROOT = Path.cwd()
 
 
-def backfill(study: str) -> int:
+def backfill(study: str, redo: bool = False) -> int:
     d, idx, n = ROOT/"reports"/study, zoo_index(ROOT), 0
     for f in sorted((d/"runs").glob("*.json")):
         r = load_json(f, "study result")
-        if "mechanism" in r["metrics"] or r["new_run"] not in idx or r["old_run"] not in idx: continue
+        if ("mechanism" in r["metrics"] and not redo) or r["new_run"] not in idx or r["old_run"] not in idx: continue
         new, old = (restore_zoo([rid])[0] for rid in (r["new_run"], r["old_run"]))
         cfg = TrainConfig.from_dict(Run(new).config)
         name, kw = parse_method(r["method"])
@@ -44,11 +44,12 @@ def rerender(study: str):
     m = re.match(r"# (.*?)\n\n(.*?)\n\nScale `(\w+)`", before, re.S)
     write_report(study, d, title=m.group(1), intro=m.group(2), scale=m.group(3))
     after = (d/"README.md").read_text()
-    strip = lambda s: re.sub(r"## Did the mechanism act\n.*?\n(?=Pass marks)", "", s, flags=re.S)
+    strip = lambda s: re.sub(r"## Did the mechanism act\n.*?\n(?=Pass marks)|- report rendered on: [^\n]*", "", s, flags=re.S)
     if strip(after) != strip(before):
         raise SystemExit(f"{study}: re-rendering changed more than the mechanism section; inspect reports/{study}")
 
 
 if __name__ == "__main__":
-    for s in sys.argv[1:] or ["unibct_cpu", "mixbct_cpu", "hot_refresh_cpu"]:
-        print(s, backfill(s), "results measured"); rerender(s)
+    redo = "--redo" in sys.argv          # measure again (after a rule changed)
+    for s in [a for a in sys.argv[1:] if a != "--redo"] or ["unibct_cpu", "mixbct_cpu", "hot_refresh_cpu"]:
+        print(s, backfill(s, redo), "results measured"); rerender(s)
