@@ -113,7 +113,9 @@ class Registry:
         "Decorator: register `obj` under `name` (default: its `name` attribute or `__name__`)"
         def deco(obj):
             key = name or getattr(obj, "name", None) or obj.__name__
-            if key in self._items and self._items[key] is not obj:
+            old = self._items.get(key)
+            same = getattr(old, "__qualname__", None) == getattr(obj, "__qualname__", 0) != "<lambda>"
+            if old is not None and old is not obj and not same:   # same definition run again: replaced
                 raise ConfigError(f"{self.kind} '{key}' is registered twice ({self._items[key]!r} and {obj!r}); rename "
                                   "one of them")
             self._items[key] = obj
