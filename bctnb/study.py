@@ -165,12 +165,12 @@ def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) ->
 
 # %% ../nbs/08_study.ipynb #61f3edc8
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
-                  method: str | None = None, post_epochs: int | None = None) -> dict:
+                  method: str | None = None, post_epochs: int | None = None, mechanism: bool = True) -> dict:
     """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot
     refresh. `method` (a spec like "fct" or "nccl:tau=0.1"; default the run's `cfg.method`): when it has a post-training
     stage, h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in
     the new run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g))
-    ("new/h(old)")."""
+    ("new/h(old)"). `mechanism`: also measure whether the method's mechanism acted (`mechanism_stats`)."""
     from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage, mechanism_stats
     from bctnb.losses import METHODS, gallery_fn
     data = PROTOCOLS["cpu_tier"](config=cfg)
@@ -187,9 +187,10 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}
     r = ev.new["new"]
     out = {"old/old": keep(ev.old_old), "self": keep(r["self"]), "cross": keep(r["cross"]),
-           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"],
-           "mechanism": mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name,
-                                        {**cfg.method_kw, **(parse_method(method)[1] if method else {})})}
+           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
+    if mechanism:
+        out["mechanism"] = mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name,
+                                           {**cfg.method_kw, **(parse_method(method)[1] if method else {})})
     if refresh:
         rr = ev.refresh["new"]
         out["refresh"] = {"curves": rr.curves.to_dict(orient="list"), "summary": rr.summary.to_dict(orient="records")}
