@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 # %% auto #0
 __all__ = ['EMOJI_PACKAGES', 'EMOJI_STYLES', 'EMOJI_DROP_CATEGORIES', 'EMOJI_BUILD_VERSION', 'emoji_home', 'npm_digest_ok',
-           'fetch_npm', 'fetch_emoji_packages', 'emoji_catalogue', 'render_emoji', 'build_emoji', 'load_emoji']
+           'fetch_npm', 'fetch_emoji_packages', 'emoji_catalogue', 'render_emoji', 'build_emoji', 'cached_build',
+           'load_emoji']
 
 # %% ../nbs/01a_emoji.ipynb #be8e940b
 import numpy as np
@@ -318,6 +319,23 @@ def build_emoji(root=None, size: int = 32, min_styles: int = 5, styles: Sequence
     return home/f"{stem}.json"
 
 # %% ../nbs/01a_emoji.ipynb #d3986046
+def cached_build(what: str, home: Path, man_path: Path, build: bool, build_fn: Callable[[], Path],
+                 missing: str) -> tuple[dict, dict]:
+    """(arrays, manifest) of a dataset cache: built by `build_fn` on first use under the folder's build lock (e.g. two
+    torchrun ranks on a fresh machine: one builds, the others wait), the `.npz` checked against its manifest's sha256;
+    `NotFoundError(missing)` when it is not built and `build` is False"""
+    built = lambda: man_path.exists() and (home/load_json(man_path, f"{what} manifest")["file"]).exists()
+    if not built():
+        if not build: raise NotFoundError(f"{what}: {missing}")
+        with _build_lock(home):
+            if not built(): man_path = build_fn()
+    man = load_json(man_path, f"{what} manifest")
+    npz = home/man["file"]
+    if sha256_file(npz) != man["sha256"]:
+        raise IntegrityError(f"{what}: {npz} does not match the sha256 in {man_path.name} (modified or truncated). "
+                             f"Delete both files and call load_{what}() again to rebuild.")
+    with np.load(npz, allow_pickle=False) as z: return {k: z[k] for k in z.files}, man
+
 @DATASETS.register("emoji")
 def load_emoji(size: int = 32, root=None, min_styles: int = 5, styles: Sequence[str] = EMOJI_STYLES, build: bool = True,
                download: bool = True, workers: int | None = None) -> ArrayDataset:
@@ -326,23 +344,11 @@ def load_emoji(size: int = 32, root=None, min_styles: int = 5, styles: Sequence[
     params = _emoji_params(size, min_styles, styles, 1/16, 4.0)
     home = emoji_home(root)
     man_path = home/f"{_emoji_stem(params)}.json"
-    built = lambda: man_path.exists() and (home/load_json(man_path, "emoji manifest")["file"]).exists()
-    if not built():
-        if not build:
-            raise NotFoundError(f"emoji: no {size}px build in {home}. Call load_emoji(build=True) (needs npm, or the "
-                                f"tarballs in {home/'downloads'}: `{_npm_pack_cmd(home/'downloads')}`)")
-        # e.g. two torchrun ranks on a fresh machine: one builds
-        with _build_lock(home):
-            if not built():
-                man_path = build_emoji(root, size=size, min_styles=min_styles, styles=styles, workers=workers,
-                                       download=download)
-    man = load_json(man_path, "emoji manifest")
-    npz = home/man["file"]
-    if sha256_file(npz) != man["sha256"]:
-        raise IntegrityError(f"emoji: {npz} does not match the sha256 in {man_path.name} (modified or truncated). "
-                             "Delete both files and call load_emoji() again to rebuild.")
-    with np.load(npz, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
+    d, man = cached_build("emoji", home, man_path, build,
+                          lambda: build_emoji(root, size=size, min_styles=min_styles, styles=styles, workers=workers,
+                                              download=download),
+                          f"no {size}px build in {home}. Call load_emoji(build=True) (needs npm, or the tarballs in "
+                          f"{home/'downloads'}: `{_npm_pack_cmd(home/'downloads')}`)")
     ds = ArrayDataset(torch.from_numpy(d["images"]), d["labels"], d["keys"].tolist(), name="emoji",
                       meta={"style": d["style"]})
     ds.class_names = d["class_name"].tolist()

@@ -18,10 +18,10 @@ __all__ = ['FONT_CHARS', 'FONT_LICENSES', 'FONTS_BUILD_VERSION', 'NOTDEF', 'FONT
 # %% ../nbs/01c_fonts.ipynb #24f96fee
 import numpy as np
 import torch
-from .core import (NotFoundError, IntegrityError, atomic_path, canonical_json, check, data_home, load_json,
-                        progress, save_json, sha256_bytes, sha256_file)
+from .core import (NotFoundError, atomic_path, canonical_json, check, data_home, progress, save_json,
+                        sha256_bytes, sha256_file)
 from .data import DATASETS, ArrayDataset
-from .emoji import fetch_npm, _read_tgz, _save_npz, _build_lock, _tgz_name
+from .emoji import fetch_npm, cached_build, _read_tgz, _save_npz, _tgz_name
 
 # %% ../nbs/01c_fonts.ipynb #8b4cd079
 FONT_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -203,19 +203,10 @@ def load_fonts(root=None, max_faces: int = 4, n_perm: int = 2, cell: int = 16, b
     params = _fonts_params(max_faces, n_perm, cell, 0.02)
     home = fonts_home(root)
     man_path = home/f"{_fonts_stem(params)}.json"
-    built = lambda: man_path.exists() and (home/load_json(man_path, "fonts manifest")["file"]).exists()
-    if not built():
-        if not build:
-            raise NotFoundError(f"fonts: no build with these parameters in {home}. Call load_fonts(build=True) (needs "
-                                f"npm, or the {len(font_packages())} pinned tarballs in {home/'downloads'})")
-        with _build_lock(home):                                     # e.g. two torchrun ranks on a fresh machine
-            if not built(): man_path = build_fonts(root, max_faces, n_perm, cell, workers=workers, download=download)
-    man = load_json(man_path, "fonts manifest")
-    npz = home/man["file"]
-    if sha256_file(npz) != man["sha256"]:
-        raise IntegrityError(f"fonts: {npz} does not match the sha256 in {man_path.name} (modified or truncated). "
-                             "Delete both files and call load_fonts() again to rebuild.")
-    with np.load(npz, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
+    d, man = cached_build("fonts", home, man_path, build,
+                          lambda: build_fonts(root, max_faces, n_perm, cell, workers=workers, download=download),
+                          f"no build with these parameters in {home}. Call load_fonts(build=True) (needs npm, or the "
+                          f"{len(font_packages())} pinned tarballs in {home/'downloads'})")
     imgs = torch.from_numpy(d["images"])[:, None].expand(-1, 3, -1, -1).contiguous()   # grey → 3 equal channels
     ds = ArrayDataset(imgs, d["labels"], d["keys"].tolist(), name="fonts", meta={"face": d["face"], "text": d["text"]})
     ds.class_names, ds.class_codes, ds.manifest = d["family"].tolist(), d["package"].tolist(), man

@@ -99,7 +99,7 @@ class UniBCT(Method):
         out = super().mechanism(old, new, labels)
         tau = math.inf if self.tau_g in ("inf", math.inf) else self.tau_g
         P = refine_prototypes(old, new, labels, tau=tau, lam=self.lam_g, max_vertices=self.max_vertices)[0]
-        M = refine_prototypes(old, new, labels, tau=math.inf)[0]
+        M = class_means(old, labels, spherical=True)[0]
         out["proto_cos_mean"] = float((P * M).sum(1).mean())
         return out
     def validate(self):
@@ -140,11 +140,10 @@ class UniBCT(Method):
                                           steps=self.steps,
                                           max_vertices=self.max_vertices, classes=np.arange(self.C))
             self.P = P.to(device=self.P.device, dtype=self.P.dtype); self.eff = eff
-            mean = refine_prototypes(self._pair[:, 0].cpu(), new, self.y_train, tau=math.inf,
-                                     classes=np.arange(self.C))[0]
+            mean = class_means(self._pair[:, 0].cpu(), self.y_train, classes=np.arange(self.C), spherical=True)[0]
             has = torch.isfinite(eff)                            # classes with training images
             self.stats = {"proto_cos_mean": (P[has] * mean[has]).sum(1).mean()}   # refined vs plain class mean
-            e = eff[torch.isfinite(eff)]
+            e = eff[has]
             if len(e): print(f"[unibct] epoch {epoch}: refreshed {self.C} prototypes; "
                              f"effective vertices per class (1/Σπ²): "
                              f"median {e.median().item():.2f}, min {e.min().item():.2f}", flush=True)
