@@ -29,13 +29,27 @@ def old_run(tmp_path_factory):
     return path
 
 
+def _run_wide(tmp_path_factory, worker_id, name):
+    "A folder of this pytest run shared by all its xdist workers (each worker is its own session)"
+    base = tmp_path_factory.getbasetemp()
+    path = (base if worker_id == "master" else base.parent) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, worker_id):
+    """The run root of the smoke studies (test_reproduce), shared by all xdist workers: a model that two studies plan
+    (same run id) is trained once, by whichever worker gets there first; the run lock makes the other wait for it."""
+    return _run_wide(tmp_path_factory, worker_id, "smoke_runs")
+
+
 @pytest.fixture(scope="session")
 def emoji_data(tmp_path_factory, worker_id):
     """$BCTNB_DATA for the tests that need the emoji set: a folder created by this pytest run (so the set is built from
     nothing once per run) and shared by all xdist workers (the build lock makes a second worker wait for the first build
     instead of building again). Read-only for tests: one that must damage a file works on a copy."""
-    base = tmp_path_factory.getbasetemp()
-    home = (base if worker_id == "master" else base.parent) / "bctnb_data"
+    home = _run_wide(tmp_path_factory, worker_id, "bctnb_data")
     old = os.environ.get("BCTNB_DATA")
     os.environ["BCTNB_DATA"] = str(home)
     yield home

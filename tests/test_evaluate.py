@@ -4,12 +4,16 @@ import json, math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, roc_curve
 
 from bctnb.core import ConfigError, NotFoundError
 from bctnb import evaluate as ev
 from bctnb import compat as cp
 from bctnb import protocols as pt
+from bctnb.losses import METHODS
+
+from shared import fake_runs
 
 
 # ---------------------------------------------------------------- reference loops (the definitions, one query at a time)
@@ -511,31 +515,10 @@ def test_compatibility_matrix_from_scorer_and_tie_rule():
 
 
 # ---------------------------------------------------------------- features_for + the papermill pipeline
-def _fake_runs(root, methods=("independent", "l2"), dim=16):
-    "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
-    import torch
-    from bctnb.runs import Run
-    from bctnb.models import create_backbone, create_head, save_model
-    from bctnb.train import TrainConfig
-    torch.manual_seed(0)
-    base = dict(dataset="synthetic", backbone="cpu_resnet", dim=dim, split_seed=0, test_ratio=0.2)
-    cfg = TrainConfig.make("smoke", role="old", **base).to_dict()
-    old = Run.create("train_old", cfg, root=root)
-    save_model(old.path / "model", create_backbone("cpu_resnet", dim=dim), create_head("softmax", dim, 11), label_map=np.arange(11))
-    old.finish()
-    news = []
-    for m in methods:
-        r = Run.create("train_new", {**TrainConfig.make("smoke", role="new", **base).to_dict(), "method": m, "old_run": str(old.path)}, root=root)
-        save_model(r.path / "model", create_backbone("cpu_resnet", dim=dim))
-        r.finish()
-        news.append(r)
-    return old, news
-
-
 def test_features_for_run_folder_cache_hit_and_key(tmp_path):
     import torch
     from bctnb.data import load_dataset
-    old, (new, _) = _fake_runs(tmp_path / "runs")
+    old, (new, _) = fake_runs(tmp_path / "runs")
     ds = load_dataset("synthetic").subset(np.arange(10))
     f1, p1 = pt.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
     f2, p2 = pt.features_for(old.path, ds, cache_dir=tmp_path / "cache", return_path=True)
@@ -555,7 +538,11 @@ def test_evaluate_notebook_papermill(tmp_path):
     from pathlib import Path
     import papermill as pm
     root = Path(__file__).resolve().parents[1]
-    old, news = _fake_runs(tmp_path / "runs", methods=("independent", "l2", "nccl"))
+    old, news = fake_runs(tmp_path / "runs", methods=("independent", "l2", "nccl", "fct"))
+    fct, g = METHODS.get("fct"), torch.Generator().manual_seed(0)   # an h(old), fitted and saved as FCT's post stage
+    o = torch.randn(64, 16, generator=g)
+    h = fct.fit_gallery_transform(o, o @ torch.randn(16, 16, generator=g), epochs=1)
+    fct.save_gallery_transform(news[3].path / fct.gallery_transform_file(), h)
     out = tmp_path / "eval"
     pm.execute_notebook(str(root / "nbs" / "evaluate.ipynb"), str(tmp_path / "evaluate_out.ipynb"), kernel_name="python3",
                         cwd=str(root / "nbs"), progress_bar=False, execution_timeout=600,
@@ -564,7 +551,11 @@ def test_evaluate_notebook_papermill(tmp_path):
     (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
     res = json.loads((ed / "evaluation.json").read_text())
     assert res["n_test_classes"] == 4 and res["n_test"] == 20
-    assert set(res["new"]) == {"independent", "l2", "nccl"} and res["independent"] == "independent"
+    assert set(res["new"]) == {"independent", "l2", "nccl", "fct"} and res["independent"] == "independent"
+    # the default protocol (cpu_tier); FCT's run is cross-tested through the h its method saved, no FCT-specific code
+    assert res["protocol"] == "cpu_tier" and "TAR" in res["old/old"]
+    assert res["new"]["fct"]["gallery"] == "h(old)" and res["new"]["fct"]["transformed"]
+    assert res["new"]["independent"]["gallery"] == "old" and not res["new"]["independent"]["transformed"]
     # the notebook's numbers are the library's numbers on the same features
     from bctnb.data import load_dataset, make_split
     ds = load_dataset("synthetic")
@@ -575,7 +566,7 @@ def test_evaluate_notebook_papermill(tmp_path):
     assert res["old/old"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fo, Fo, y)["mAP"])
     assert res["new"]["l2"]["cross"]["mAP"] == pytest.approx(ev.retrieval_metrics(Fl2, Fo, y)["mAP"])
     assert res["new"]["l2"]["upgrade"]["criterion"] == (res["new"]["l2"]["cross"]["mAP"] > res["old/old"]["mAP"])
-    assert len(res["compat"]["C"]) == 4 and res["compat"]["ties"] == "fail"
+    assert len(res["compat"]["C"]) == 1 + len(news) and res["compat"]["ties"] == "fail"   # the old model + each new one
     assert {s["ordering"] for s in res["refresh"]["l2"]["summary"]} == {"random", "discrepancy", "uncertainty"}
     for f in ("table.csv", "refresh_curves.csv", "refresh_summary.csv", "compat_matrix.csv", "refresh.png", "compat_matrix.png"):
         assert (ed / f).exists(), f
@@ -753,7 +744,7 @@ def test_evaluate_notebook_papermill_ijbc(tmp_path):
     import papermill as pm
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    old, news = _fake_runs(tmp_path / "runs", methods=("independent", "l2"))
+    old, news = fake_runs(tmp_path / "runs", methods=("independent", "l2"))
     bare = save_tiny_model(tmp_path / "bare_model", dim=16, seed=3, meta={"method": "bare"})
     ij = write_ijbc(tmp_path / "ijbc_data")
     out = tmp_path / "eval"

@@ -283,10 +283,25 @@ MECHANISM_STATS = {   # what each method logs to show its mechanism acting (issu
     "unibct": ("proto_cos_mean",)}
 
 
-STATEFUL = ("nccl", "unibct")             # training state outside parameters: NCCL's queue, UniBCT's refreshed prototypes
+# Methods with training state of their own (`Method.state_dict()` after setup, saved in the trainer's checkpoint):
+# AdvBCT's discriminator and radii, NCCL's queue, UniBCT's refreshed prototypes. Pinned here and checked against the
+# registry by test_methods_with_checkpoint_state_are_the_pinned_ones: a new stateful method cannot skip the resume test.
+STATEFUL = ("advbct", "nccl", "unibct")
+# Resume is tested on those, on MixBCT (random rows per step, seeded by (seed, rank, step)) and on BCT, the path every
+# other method takes: no state of its own and no randomness, so a resumed run rebuilds it from setup() alone.
+RESUMED = STATEFUL + ("mixbct", "bct")
 
 
-@pytest.mark.parametrize("name", [n if n in STATEFUL else pytest.param(n, marks=pytest.mark.slow) for n in ALL])
+def test_methods_with_checkpoint_state_are_the_pinned_ones(tmp_path):
+    has_state = []
+    for name in ALL:
+        m = get_method(name)
+        m.setup(make_ctx(tmp_path / name))
+        if m.state_dict(): has_state.append(name)
+    assert tuple(has_state) == STATEFUL, "a method with checkpoint state must be in STATEFUL (resume-tested)"
+
+
+@pytest.mark.parametrize("name", [n if n in STATEFUL else pytest.param(n, marks=pytest.mark.slow) for n in RESUMED])
 def test_interrupted_method_run_resumes_bit_identically(old_run, name, tmp_path, monkeypatch):
     """Interrupted in epoch 1 (after UniBCT's refresh, with NCCL's queue filled) and resumed from the checkpoint of
     step 6: the same losses at every step and the same final model as the uninterrupted run."""

@@ -14,6 +14,8 @@ from bctnb.core import ConfigError
 from bctnb.losses import METHODS, Independent, available_methods, gallery_fn, gallery_transform_of
 from bctnb.prototypes import load_artefact, save_artefact
 
+from shared import fake_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"dataset": "synthetic", "dataset_kw": {"num_classes": 20, "per_class": 4, "size": 16}, "scenario": "open-class",
        "old_ratio": 0.3, "split_seed": 0, "test_ratio": 0.2}
@@ -114,33 +116,12 @@ def test_a_new_transformation_method_plugs_in_without_naming_it(toy_post, tmp_pa
 
 
 # ------------------------------------------------------------------------------ evaluate_pair: the study's evaluation
-def _fake_runs(root, new_methods=("independent",), dims=(16, 16)):
-    "An old run and new runs as the trainer leaves them (config.json + model/), weights from save_model, no training"
-    from bctnb.runs import Run
-    from bctnb.models import create_backbone, create_head, save_model
-    from bctnb.train import TrainConfig
-    torch.manual_seed(0)
-    base = dict(dataset="synthetic", backbone="cpu_resnet", split_seed=0, test_ratio=0.2)
-    old = Run.create("train_old", TrainConfig.make("smoke", role="old", dim=dims[0], **base).to_dict(), root=root)
-    save_model(old.path / "model", create_backbone("cpu_resnet", dim=dims[0]), create_head("softmax", dims[0], 11),
-               label_map=np.arange(11))
-    old.finish()
-    news = []
-    for m in new_methods:
-        cfg = {**TrainConfig.make("smoke", role="new", dim=dims[1], **base).to_dict(), "method": m, "old_run": str(old.path)}
-        r = Run.create("train_new", cfg, root=root)
-        save_model(r.path / "model", create_backbone("cpu_resnet", dim=dims[1]))
-        r.finish()
-        news.append(r)
-    return old, news
-
-
 def test_evaluate_pair_runs_the_method_post_stage_and_caches_it(tmp_path, monkeypatch):
     from bctnb.models import load_model
     from bctnb.study import evaluate_pair
     from bctnb.train import TrainConfig
     monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "data"))
-    old, (new,) = _fake_runs(tmp_path / "runs")
+    old, (new,) = fake_runs(tmp_path / "runs", methods=("independent",))
     cfg = TrainConfig.from_dict({**new.config, "old_run": str(old.path)})
     plain = evaluate_pair(old.path, new.path, cfg)                          # cfg.method = independent: no post stage
     assert plain["gallery"] == "old" and not list(new.path.glob("fct-*"))
@@ -161,23 +142,5 @@ def test_pipelines_do_not_special_case_fct(nb):
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     for bad in ('== "fct"', "== 'fct'", "fct_epochs", "FCT_EPOCHS", "load_fct", "train_fct", "fct.safetensors"):
         assert bad not in code, (nb, bad)
-
-
-@pytest.mark.slow
-def test_evaluate_notebook_loads_a_run_gallery_transform_generically(tmp_path):
-    "evaluate.ipynb (default protocol cpu_tier) cross-tests a run of another dimension through the h its method saved"
-    import papermill as pm
-    old, (ind, fct_run) = _fake_runs(tmp_path / "runs", new_methods=("independent", "fct"), dims=(16, 16))
-    fct = METHODS.get("fct")
-    h = fct.fit_gallery_transform(*_pair(64, 16, 16), epochs=1)
-    fct.save_gallery_transform(fct_run.path / fct.gallery_transform_file(), h)
-    out = tmp_path / "eval"
-    pm.execute_notebook(str(ROOT / "nbs" / "evaluate.ipynb"), str(tmp_path / "evaluate_out.ipynb"), kernel_name="python3",
-                        cwd=str(ROOT / "nbs"), progress_bar=False, execution_timeout=600,
-                        parameters=dict(old_run=str(old.path), new_runs=json.dumps([str(ind.path), str(fct_run.path)]),
-                                        refresh_steps=2, refresh_seeds=[0], out_dir=str(out), cache_dir=str(tmp_path / "cache")))
-    (ed,) = [p for p in out.iterdir() if p.name.startswith("evaluate-")]
-    res = json.loads((ed / "evaluation.json").read_text())
-    assert res["protocol"] == "cpu_tier" and "TAR" in res["old/old"]
-    assert res["new"]["fct"]["gallery"] == "h(old)" and res["new"]["fct"]["transformed"]
-    assert res["new"]["independent"]["gallery"] == "old" and not res["new"]["independent"]["transformed"]
+# evaluate.ipynb cross-testing an FCT run through the h it saved, with no FCT-specific code: one papermill run in
+# test_evaluate.test_evaluate_notebook_papermill, next to the other methods.
