@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from .core import IntegrityError, check, check_choice, check_range, make_generator, derive_seed
 from .models import head_logits, extract_features
-from .prototypes import (class_means, lce_centres, refine_prototypes, advbct_class_meta, credible_mask,
-                              save_artefact,
-                              load_artefact)
+from .prototypes import (class_means, lce_centres, refine_prototypes, loo_prototype_fit, advbct_class_meta,
+                              credible_mask, save_artefact, load_artefact)
 from .losses import Batch, MethodContext, Method, METHODS, BCT, Independent, _dist, gather
 
 # %% ../nbs/04a_methods.ipynb #e21a3fea
@@ -95,12 +94,14 @@ class UniBCT(Method):
     mechanism_rule = ("proto_cos_mean", "<", 0.995, "refined prototypes differ from the plain class means")
 
     def mechanism(self, old, new, labels) -> dict[str, float]:
-        "`proto_cos_mean`: cosine of the prototypes refined over the final new model's graph to the class means"
+        """`proto_cos_mean`: cosine of the prototypes refined over the final new model's graph to the class means;
+        `loo_*`: their leave-one-out fit to held-out old features, refined vs mean (`loo_prototype_fit`)"""
         out = super().mechanism(old, new, labels)
         tau = math.inf if self.tau_g in ("inf", math.inf) else self.tau_g
         P = refine_prototypes(old, new, labels, tau=tau, lam=self.lam_g, max_vertices=self.max_vertices)[0]
         M = class_means(old, labels, spherical=True)[0]
         out["proto_cos_mean"] = float((P * M).sum(1).mean())
+        out.update(loo_prototype_fit(old, new, labels, tau=tau, lam=self.lam_g, max_vertices=self.max_vertices))
         return out
     def validate(self):
         if self.tau_g not in ("inf", math.inf): check_range("tau_g", self.tau_g, 0, lo_open=True)

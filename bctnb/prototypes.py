@@ -12,8 +12,8 @@ from typing import Callable
 
 # %% auto #0
 __all__ = ['model_hash', 'split_hash', 'save_artefact', 'load_artefact', 'artefact', 'old_feature_pair', 'pick_flip',
-           'class_sums', 'class_means', 'keep_count', 'credible_mask', 'refine_prototypes', 'advbct_class_meta',
-           'lce_centres']
+           'class_sums', 'class_means', 'keep_count', 'credible_mask', 'refine_prototypes', 'loo_prototype_fit',
+           'advbct_class_meta', 'lce_centres']
 
 # %% ../nbs/03_prototypes.ipynb #c23f3d6e
 import numpy as np
@@ -203,6 +203,34 @@ def refine_prototypes(old_feats: Tensor, new_feats: Tensor, labels, tau: float =
         p, pi = _refine_class(o_all[idx], n_all[idx], tau, lam, steps, transition)
         protos[j] = p; eff[j] = float(1 / (pi ** 2).sum()) if pi is not None else float("nan")
     return (F.normalize(protos, dim=1) if normalize else protos).float(), cls, eff
+
+# %% ../nbs/03_prototypes.ipynb #c35b2950
+def loo_prototype_fit(old_feats, new_feats, labels, tau: float = 0.05, lam: float = 0.9, max_classes: int = 256,
+                      per_class: int = 8, max_vertices: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Leave-one-out fit of refined vs mean prototypes: mean cos(p⁻ⁱ, ô_i) of each (`loo_refined`, `loo_mean`), the
+    share of held-out images the refined one fits better (`loo_refined_better`) and the number of held-out images"""
+    if tau != math.inf: check_range("tau", tau, 0, lo_open=True)
+    o_all = F.normalize(torch.as_tensor(old_feats).double(), dim=1)
+    n_all = F.normalize(torch.as_tensor(new_feats).double(), dim=1)
+    labels = np.asarray(labels)
+    cls, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    cls = cls[counts >= 3]
+    if len(cls) > max_classes: cls = np.sort(rng.choice(cls, max_classes, replace=False))
+    ref, mean = [], []
+    for c in cls:
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > max_vertices + 1: idx = np.sort(rng.choice(idx, max_vertices + 1, replace=False))
+        for i in np.sort(rng.choice(len(idx), min(per_class, len(idx)), replace=False)):
+            rest = torch.as_tensor(np.delete(idx, i)); o_i = o_all[idx[i]]
+            p = _refine_class(o_all[rest], n_all[rest], tau, lam, None, "row")[0]
+            ref.append(float(F.normalize(p, dim=0) @ o_i))
+            mean.append(float(F.normalize(o_all[rest].mean(0), dim=0) @ o_i))
+    if not ref: return {"loo_refined": float("nan"), "loo_mean": float("nan"), "loo_refined_better": float("nan"),
+                        "loo_n": 0}
+    ref, mean = np.array(ref), np.array(mean)
+    return {"loo_refined": float(ref.mean()), "loo_mean": float(mean.mean()),
+            "loo_refined_better": float((ref > mean).mean()), "loo_n": len(ref)}
 
 # %% ../nbs/03_prototypes.ipynb #61ec60d9
 def advbct_class_meta(feats: Tensor, labels, classes=None) -> dict[str, Tensor]:

@@ -77,7 +77,8 @@ def inert_methods(g: pd.DataFrame) -> set:
 
 def mechanism_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per old model × scenario × method: norm ratio and same-image cosine (means over seeds), the method's rule, its
-    statistic (mean) and in how many seeds the mechanism acted (empty if the results predate the diagnostics)"""
+    statistic (mean), in how many seeds the mechanism acted (empty if the results predate the diagnostics) and the
+    method's other diagnostics (means; e.g. UniBCT's leave-one-out fit)"""
     if "mechanism:norm_ratio" not in df: return pd.DataFrame()
     rows = []
     for (v, sc, m), g in df.groupby(["old_variant", "scenario", "method"], sort=False):
@@ -87,11 +88,15 @@ def mechanism_table(df: pd.DataFrame) -> pd.DataFrame:
         val = g[f"mechanism:{stat}"].mean() if stat and f"mechanism:{stat}" in g else float("nan")
         acted = g["mechanism:acted"].dropna() if "mechanism:acted" in g else pd.Series(dtype=object)
         cos = g["mechanism:cos_new_old"].mean() if "mechanism:cos_new_old" in g else float("nan")
+        shown = {"norm_ratio", "cos_new_old", "rule", "acted", stat}
+        more = [(c.split(":", 1)[1], g[c].mean()) for c in g.columns if c.startswith("mechanism:")
+                and c.split(":", 1)[1] not in shown and pd.api.types.is_numeric_dtype(g[c])]
         rows.append({"old_variant": v, "scenario": sc, "method": m,
                      "norm ratio": round(g["mechanism:norm_ratio"].mean(), 3),
                      "cos(new, old)": round(cos, 3) if cos == cos else "—",
                      "rule": rule or "—", "value": round(val, 4) if val == val else "—",
-                     "acted": f"{int(acted.astype(bool).sum())}/{len(acted)}" if len(acted) else "—"})
+                     "acted": f"{int(acted.astype(bool).sum())}/{len(acted)}" if len(acted) else "—",
+                     "other statistics": ", ".join(f"{k} {x:.3g}" for k, x in more if x == x) or "—"})
     return pd.DataFrame(rows)
 
 def verdicts(df: pd.DataFrame) -> list[str]:
