@@ -14,15 +14,16 @@ from typing import Any, Callable
 __all__ = ['FEATURES_FORMAT', 'PIXEL_NORMALISATION', 'PROTOCOLS', 'module_hash', 'dataset_fingerprint', 'features_cache_dir',
            'features_for', 'ProtocolData', 'protocol_root', 'retrieval_protocol', 'roxford5k_protocol',
            'rparis6k_protocol', 'gldv2_protocol', 'market1501_protocol', 'ijbc_protocol', 'pair_tar', 'split_images',
-           'cpu_tier_protocol', 'list_protocols', 'mechanism_stats', 'ProtocolResult', 'head_uncertainty',
-           'evaluate_protocol', 'fit_post_stage']
+           'cpu_tier_protocol', 'loo_tar_scorer', 'list_protocols', 'mechanism_stats', 'ProtocolResult',
+           'head_uncertainty', 'evaluate_protocol', 'fit_post_stage']
 
 # %% ../nbs/07b_protocols.ipynb #dfbef302
 import numpy as np
 import pandas as pd
 import torch
-from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, check_choice, canonical_json,
+from .core import (ConfigError, NotFoundError, IntegrityError, check, check_choice, canonical_json,
                         sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home)
+from .data import LazyRegistry
 from .runs import Run
 from .evaluate import (l2_normalize, tar_at_far, ijbc_image_features, ijbc_templates, loo_scorer,
                             revisited_scorer, gldv2_scorer, reid_scorer, ijbc_scorer)
@@ -132,13 +133,13 @@ def features_for(model_or_run, dataset, flip: str = "none", cache_dir=None, batc
     return (feat, f) if return_path else feat
 
 # %% ../nbs/07b_protocols.ipynb #1d283b73
-PROTOCOLS = Registry("protocol")
+PROTOCOLS = LazyRegistry("protocol", {"features": "bctnb.features"})   # features: registered by a later module
 
 @dataclass
 class ProtocolData:
     "One protocol's evaluation sets and ground truth: what to embed and how to score (query features, gallery features)"
     name: str
-    query: Any                         # an ImageDataset
+    query: Any                         # an ImageDataset (or what the models' `embed` reads, e.g. features.IdSet)
     gallery: Any | None                # None: the query set is also the gallery
     scorer: Callable                   # scorer(Q, G) -> (metrics, top1), Q/G after `post`
     primary: str                       # the primary metric (criterion, gain, tax, refresh curves, matrix)
@@ -266,12 +267,17 @@ def cpu_tier_protocol(root=None, config=None, far: float = 1e-3) -> ProtocolData
         raise ConfigError("protocol 'cpu_tier' evaluates the held-out test classes of a run's split: pass config=<the "
                           "old run's TrainConfig or config dict> (nbs/evaluate.ipynb reads it from -p old_run)")
     X, y = split_images(config, "test")
-    loo = loo_scorer(y)
+    return ProtocolData("cpu_tier", X, None, loo_tar_scorer(y, far), "mAP", ("mAP", "R@1", "TAR"),
+                        refresh_scorer=loo_scorer(y),
+                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far})
+
+def loo_tar_scorer(labels, far: float = 1e-3) -> Callable:
+    "Leave-one-out retrieval (`loo_scorer`) plus TAR@`far` over all pairs (`pair_tar`): the CPU tier's scorer"
+    y, loo = np.asarray(labels), loo_scorer(labels)
     def score(q, g):
         m, top1 = loo(q, g)
         return {**m, "TAR": pair_tar(q, g, y, same_model=q is g, far=far)}, top1
-    return ProtocolData("cpu_tier", X, None, score, "mAP", ("mAP", "R@1", "TAR"), refresh_scorer=loo,
-                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far})
+    return score
 
 def list_protocols() -> list[str]: return PROTOCOLS.names()
 
@@ -315,9 +321,11 @@ class ProtocolResult:
                             for n, r in self.refresh.items()}}
 
 def _protocol_features(model, data: ProtocolData, cache_dir=None):
-    "(Q, G) of one model: query and gallery features after the protocol's `post` step"
+    """(Q, G) of one model: query and gallery features after the protocol's `post` step. A model with an `embed`
+    method (stored features, e.g. `bctnb.features.FeatureTable`) embeds the protocol's items itself"""
     def emb(ds):
-        F = features_for(model, ds, flip=data.flip, cache_dir=cache_dir, batch_size=data.batch_size)
+        F = (model.embed(ds) if hasattr(model, "embed") else
+             features_for(model, ds, flip=data.flip, cache_dir=cache_dir, batch_size=data.batch_size))
         return data.post(F) if data.post is not None else F
     Q = emb(data.query)
     return Q, (Q if data.gallery is None else emb(data.gallery))

@@ -163,3 +163,19 @@ def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path, zoo,
     for side in ("old/old", "self", "cross"):
         for m in ("mAP", "R@1", "R@5", "R@10"):
             assert got[side][m] == pytest.approx(committed[side][m], abs=1e-4), (side, m)
+    # The same pair as stored embeddings (ids + vectors + labels: what a model trained elsewhere gives), exported from
+    # the two zoo models and fed through `-p protocol features`: every number is the run-folder evaluation's.
+    from bctnb.features import export_features
+    from bctnb.protocols import split_images
+    from bctnb.runs import Run
+    X, y = split_images(Run(zoo / r["old_run"]).config, "test")
+    old_f, new_f = (export_features(zoo / r[k], X, tmp_path / f"{k}.npz", labels=y, cache_dir=tmp_path / "cache")
+                    for k in ("old_run", "new_run"))
+    _papermill("evaluate.ipynb", tmp_path / "evaluate_feats.ipynb", protocol="features", old_features=str(old_f),
+               new_features=str(new_f), refresh_steps=2, refresh_seeds=[0], out_dir=str(tmp_path / "feats"))
+    (fd,) = (tmp_path / "feats").iterdir()
+    feats = json.loads((fd / "evaluation.json").read_text())
+    assert feats["protocol"] == "features" and feats["n_test"] == res["n_test"]
+    assert feats["old/old"] == res["old/old"]
+    assert feats["new"]["new_run"]["self"] == res["new"]["l2"]["self"]
+    assert feats["new"]["new_run"]["cross"] == res["new"]["l2"]["cross"]
