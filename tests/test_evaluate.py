@@ -768,3 +768,35 @@ def test_evaluate_notebook_papermill_ijbc(tmp_path):
     for f in ("table.csv", "metrics.csv", "refresh_curves.csv", "refresh_summary.csv", "compat_matrix.csv", "refresh.png", "compat_matrix.png"):
         assert (ed / f).exists(), f
     assert json.loads((ed / "status.json").read_text())["status"] == "done"
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_on_feature_files_with_bridges(tmp_path):
+    """`-p protocol features -p bridges`: stored embeddings of a rotated (incompatible) new model; the bridges are
+    fitted on calibration classes that are never scored, and the decision table shows them restoring compatibility"""
+    import papermill as pm
+    from pathlib import Path
+    g = np.random.default_rng(1); C = g.normal(size=(12, 8)); y = np.repeat(np.arange(12), 10)
+    Xo = (C[y] + 0.6 * g.normal(size=(120, 8))).astype(np.float32)
+    Xn = (Xo @ np.linalg.qr(g.normal(size=(8, 8)))[0]).astype(np.float32)
+    ids = np.array([f"i{k:03d}" for k in range(120)])
+    np.savez(tmp_path / "old.npz", ids=ids, feats=Xo, labels=y)
+    np.save(tmp_path / "new.npy", Xn[::-1]); (tmp_path / "new.ids.txt").write_text("\n".join(ids[::-1]))
+    root = Path(__file__).resolve().parents[1]
+    pm.execute_notebook(str(root / "nbs" / "evaluate.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                        cwd=str(root / "nbs"), progress_bar=False, execution_timeout=600,
+                        parameters=dict(protocol="features", old_features=str(tmp_path / "old.npz"),
+                                        new_features=str(tmp_path / "new.npy"), bridges='["lstsq", "procrustes"]',
+                                        calib_ratio=0.25, refresh_steps=2, refresh_seeds=[0],
+                                        out_dir=str(tmp_path / "e")))
+    (ed,) = (tmp_path / "e").iterdir()
+    res = json.loads((ed / "evaluation.json").read_text())
+    assert res["n_test"] == 90 and res["bridges"]["n_calibration"] == 30          # 3 of 12 classes calibrate
+    table = {r["option"]: r for r in res["bridges"]["tables"]["new"]}
+    assert table["none (new model as it is)"]["cross mAP"] < 0.3
+    assert res["new"]["new"]["upgrade"]["criterion"] is False
+    for side in ("gallery", "query"):
+        assert table[f"new+procrustes ({side})"]["gain"] > 0.3, table
+    assert res["new"]["new+procrustes (gallery)"]["transformed"]
+    assert not res["new"]["new+procrustes (query)"]["transformed"]
+    assert (ed / "bridges.csv").exists() and "bridges.csv" in json.loads((ed / "artefacts.json").read_text())
