@@ -10,10 +10,10 @@ import math
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['IJBC_FARS', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_relevant', 'retrieval_metrics', 'knn', 'roc_points',
-           'tar_at_far', 'revisited_map', 'gldv2_map_at_k', 'ijbc_image_features', 'ijbc_templates', 'ijbc_pair_scores',
-           'ijbc_verification', 'identification_metrics', 'ijbc_identification', 'reid_metrics', 'loo_scorer',
-           'split_scorer', 'revisited_scorer', 'gldv2_scorer', 'reid_scorer', 'ijbc_scorer']
+__all__ = ['MIN_ROWS', 'IJBC_FARS', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_relevant', 'retrieval_metrics', 'knn',
+           'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k', 'ijbc_image_features', 'ijbc_templates',
+           'ijbc_pair_scores', 'ijbc_verification', 'identification_metrics', 'ijbc_identification', 'reid_metrics',
+           'loo_scorer', 'split_scorer', 'revisited_scorer', 'gldv2_scorer', 'reid_scorer', 'ijbc_scorer']
 
 # %% ../nbs/07_evaluate.ipynb #f28c1a05
 import numpy as np
@@ -60,11 +60,15 @@ def prepare_pair(query_feats, gallery_feats, gallery_transform: Callable | None 
     return l2_normalize(q), l2_normalize(g)
 
 # %% ../nbs/07_evaluate.ipynb #1e6941b4
-_BLOCK = 1 << 22   # scores per block (rows × gallery): 16 MB fp32, 32 MB of keys
+_BLOCK = 1 << 22   # scores per block (rows × gallery): 16 MB fp32, 32 MB of keys, when that is >= MIN_ROWS rows
+MIN_ROWS = 64      # rows per block at least: one-row blocks of a multi-million gallery run several times slower
 
 def _row_blocks(n_rows: int, n_cols: int, block: int | None = None):
+    """Row ranges of a blocked n_rows × n_cols score computation: `block` scores per block, but at least `MIN_ROWS`
+    rows (a 10 M gallery: 64 rows, 2.6 GB of fp32 scores), and at most what `_order_keys` packs into 63 bits"""
     block = block or _BLOCK
-    step = max(1, min(n_rows, block // max(n_cols, 1)))
+    cap = 1 << max(0, 31 - max(1, (max(n_cols, 1) - 1).bit_length()))   # rows whose order keys fit 63 bits
+    step = max(1, min(n_rows, cap, max(MIN_ROWS, block // max(n_cols, 1))))
     for a in range(0, n_rows, step): yield a, min(a + step, n_rows)
 
 def _mono(x: np.ndarray) -> np.ndarray:
