@@ -319,6 +319,7 @@ class Method(nn.Module):
 METHOD_MODULES = {   # method name -> the later module that registers it (imported on first lookup; see above)
     **dict.fromkeys(("lce", "unibct", "nccl", "advbct", "mixbct", "ract", "contra", "bct_ract", "fct"),
                     "bctnb.methods"),
+    **dict.fromkeys(("bridge_lstsq", "bridge_ridge", "bridge_procrustes"), "bctnb.bridges"),
 }
 
 METHODS = LazyRegistry("method", METHOD_MODULES)

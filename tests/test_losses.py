@@ -22,8 +22,8 @@ from shared import methods
 ALL = methods()                           # every registered method: a new one is tested without editing this file
 # The one place that pins the registry's contents: a method dropping out of the registry would otherwise silently drop
 # out of every registry-driven parametrisation. Registering a new method means adding it here.
-REGISTERED = ["advbct", "bct", "bct_norm", "bct_ract", "contra", "fct", "independent", "l2", "lce", "mixbct", "nccl",
-              "ract", "unibct", "weakened_l2"]
+REGISTERED = ["advbct", "bct", "bct_norm", "bct_ract", "bridge_lstsq", "bridge_procrustes", "bridge_ridge", "contra", "fct",
+              "independent", "l2", "lce", "mixbct", "nccl", "ract", "unibct", "weakened_l2"]
 
 
 # ----------------------------------------------------------------------------------------------------------- fixtures
@@ -77,7 +77,7 @@ def test_dim_mismatch_names_projection_methods(tmp_path):
     ctx = make_ctx(tmp_path)
     ctx.new_backbone = create_backbone("cpu_resnet", dim=32)
     for name in ("l2", "bct", "unibct", "nccl", "advbct", "mixbct", "ract", "lce"):
-        with pytest.raises(ConfigError, match=r"allows a projection: fct, independent, lce \(use_trans=True\)"):
+        with pytest.raises(ConfigError, match=r"allows a projection: bridge_lstsq, bridge_procrustes, bridge_ridge, fct, independent, lce \(use_trans=True\)"):
             get_method(name).setup(ctx)
     ctx.new_head = Head("arcface", 32, 6)
     get_method("lce", use_trans=True).setup(ctx)          # the projection variant accepts it

@@ -30,7 +30,7 @@ def _pair(n=256, d_old=6, d_new=10, seed=0):
 # ------------------------------------------------------------------------------------------------ the hook itself
 def test_only_post_stage_methods_have_one_and_fct_keeps_its_defaults():
     with_post = [n for n in available_methods() if METHODS.get(n).has_post_stage()]
-    assert with_post == ["fct"]
+    assert with_post == ["bridge_lstsq", "bridge_procrustes", "bridge_ridge", "fct"]
     fct = METHODS.get("fct")
     assert fct.trains_as == "independent" and fct.needs_old and not fct.equal_dims
     assert {s: fct.post_stage_epochs(s) for s in ("smoke", "quick", "cpu", "paper")} == {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}

@@ -27,7 +27,8 @@ _SMOKE3 = ["independent", "bct", "ract"]
 STUDIES = [
     ("reproduce_unibct.ipynb", dict(scenarios=["extended-class"], methods=_SMOKE3, refresh_methods=["bct", "ract"])),
     ("reproduce_mixbct.ipynb", dict(methods=["independent", "mixbct"])),
-    ("reproduce_hot_refresh.ipynb", dict(scenarios=["open-class"], methods=_SMOKE3, refresh_methods=_SMOKE3)),
+    ("reproduce_hot_refresh.ipynb", dict(scenarios=["open-class"], methods=_SMOKE3 + ["bridge_procrustes"],
+                                         refresh_methods=_SMOKE3 + ["bridge_procrustes"])),   # a post-stage method
 ]
 
 

@@ -220,7 +220,7 @@ def test_old_model_frozen_in_eval_mode_and_unchanged(tmp_path, old_run):
 
 def test_dim_mismatch_with_old_model(tmp_path, old_run):
     cfg = on_old_data(method="_test_old_online", old_run=str(old_run), dim=32, max_steps=2)
-    with pytest.raises(ConfigError, match=r"dim=16 but this run has dim=32.*allows a projection: fct, independent, lce \(use_trans=True\)"):
+    with pytest.raises(ConfigError, match=r"dim=16 but this run has dim=32.*allows a projection: bridge_lstsq, bridge_procrustes, bridge_ridge, fct, independent, lce \(use_trans=True\)"):
         train(cfg, root=tmp_path)
 
 

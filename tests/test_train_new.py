@@ -42,7 +42,7 @@ def test_incompatible_old_run_is_refused_before_launch(old_run, tmp_path):
         new_run_config(old, "l2", dataset="emoji")
     with pytest.raises(ConfigError, match="old part of 'open-data'"):
         new_run_config(old, "l2", scenario="open-data")
-    with pytest.raises(ConfigError, match=r"needs the new embedding dim to equal the old one.*projection: fct, independent, lce"):
+    with pytest.raises(ConfigError, match=r"needs the new embedding dim to equal the old one.*projection: bridge_lstsq, bridge_procrustes, bridge_ridge, fct, independent, lce"):
         new_run_config(old, "bct", dim=64)
     with pytest.raises(ConfigError, match="unknown method 'ncl'.*Valid methods:"):
         new_run_config(old, "ncl")
