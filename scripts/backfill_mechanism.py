@@ -9,7 +9,9 @@ changes a verdict. Each pair is restored from git history (`make zoo`), its run 
 result file changes; the README is re-rendered with its own title, intro and scale, and the script stops if anything
 but the mechanism section and the per-metric pass lists of the verdicts would change.
 
-    python scripts/backfill_mechanism.py [--redo] [study ...]   # default: unibct_cpu mixbct_cpu hot_refresh_cpu
+    python scripts/backfill_mechanism.py [--redo] [--runs FOLDER] [study ...]
+    # default studies: unibct_cpu mixbct_cpu hot_refresh_cpu; --runs: take the models from a local run root (e.g.
+    # runs/, where a study that just ran left them) instead of the zoo; --redo: measure again (new diagnostics)
 """
 import re, sys
 from pathlib import Path
@@ -24,12 +26,13 @@ from bctnb.train import TrainConfig
 ROOT = Path.cwd()
 
 
-def backfill(study: str, redo: bool = False) -> int:
-    d, idx, n = ROOT/"reports"/study, zoo_index(ROOT), 0
+def backfill(study: str, redo: bool = False, runs: Path | None = None) -> int:
+    d, idx, n = ROOT/"reports"/study, (None if runs else zoo_index(ROOT)), 0
+    have = (lambda rid: (runs/rid/"model").is_dir()) if runs else (lambda rid: rid in idx)
     for f in sorted((d/"runs").glob("*.json")):
         r = load_json(f, "study result")
-        if ("mechanism" in r["metrics"] and not redo) or r["new_run"] not in idx or r["old_run"] not in idx: continue
-        new, old = (restore_zoo([rid])[0] for rid in (r["new_run"], r["old_run"]))
+        if ("mechanism" in r["metrics"] and not redo) or not have(r["new_run"]) or not have(r["old_run"]): continue
+        new, old = ((runs/rid if runs else restore_zoo([rid])[0]) for rid in (r["new_run"], r["old_run"]))
         cfg = TrainConfig.from_dict(Run(new).config)
         name, kw = parse_method(r["method"])
         r["metrics"]["mechanism"] = mechanism_stats(old/"model", new/"model", cfg, name, {**cfg.method_kw, **kw})
@@ -53,6 +56,9 @@ def rerender(study: str):
 
 
 if __name__ == "__main__":
-    redo = "--redo" in sys.argv          # measure again (after a rule changed)
-    for s in [a for a in sys.argv[1:] if a != "--redo"] or ["unibct_cpu", "mixbct_cpu", "hot_refresh_cpu"]:
-        print(s, backfill(s, redo), "results measured"); rerender(s)
+    args = sys.argv[1:]
+    redo = "--redo" in args              # measure again (after a rule changed or a diagnostic was added)
+    runs = Path(args[args.index("--runs") + 1]).resolve() if "--runs" in args else None
+    rest = [a for i, a in enumerate(args) if a != "--redo" and a != "--runs" and (i == 0 or args[i - 1] != "--runs")]
+    for s in rest or ["unibct_cpu", "mixbct_cpu", "hot_refresh_cpu"]:
+        print(s, backfill(s, redo, runs), "results measured"); rerender(s)
