@@ -40,7 +40,7 @@ PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 ## make test: sync checks, notebook tests, pytest (slow tests included; the whole-dataset builds are make test-data).
-## Timings: README "Tests" (fresh-clone .ci/run 4.1 min on 2 idle cores, 2026-12-05).
+## Timings: README "Tests" (fresh-clone .ci/run 4.1-4.3 min on 2 idle cores, 2026-12-05/06).
 test: setup check-sync check-clean nbtest pytest
 	@echo "make test: all checks passed"
 
