@@ -15,7 +15,7 @@ __all__ = ['calibration_split', 'check_calibration', 'BridgedTable', 'bridge_opt
 import numpy as np
 import pandas as pd
 from .core import check, check_choice
-from .features import FeatureTable, IdSet, _examples
+from .features import FeatureTable, IdSet, check_disjoint
 from .bridges import Bridge, fit_bridge
 
 # %% ../nbs/07d_bridge_eval.ipynb #e1369b93
@@ -36,9 +36,8 @@ def calibration_split(ids, labels, ratio: float = 0.2, seed: int = 0,
     return ids[cal], ids[~cal]
 
 def check_calibration(calib_ids, eval_ids):
-    both = np.intersect1d(np.asarray(calib_ids).astype(str), np.asarray(eval_ids).astype(str))
-    check(not len(both), f"{len(both)} calibration id(s) are also evaluated, e.g. {_examples(both)}: fit bridges on "
-          "items that are not scored (calibration_split, or drop them from the evaluated ids)")
+    check_disjoint(calib_ids, eval_ids, "calibration id(s) are also evaluated", ": fit bridges on items that are not "
+                   "scored (calibration_split, or drop them from the evaluated ids)")
 
 @dataclass(eq=False)
 class BridgedTable:
@@ -76,8 +75,9 @@ def decision_table(ev, name: str, rows: list[dict]) -> pd.DataFrame:
         if r is None: return float("nan"), float("nan")
         s = r.summary[r.summary.ordering == "random"]
         return float(s["auc"].mean()), float(s["nfr_mean"].mean())
+    auc0, nfr0 = refresh(name)
     out = [{"option": "none (new model as it is)", "side": "—", "rewrites": "nothing", "params": 0, "flops/item": 0,
-            f"cross {m}": base, "gain": 0.0, "refresh AUC": refresh(name)[0], "mean NFR": refresh(name)[1]},
+            f"cross {m}": base, "gain": 0.0, "refresh AUC": auc0, "mean NFR": nfr0},
            {"option": "re-index everything", "side": "—", "rewrites": "the whole gallery (re-embed every image)",
             "params": 0, "flops/item": float("nan"), f"cross {m}": plain["self"][m], "gain": plain["self"][m] - base,
             "refresh AUC": float("nan"), "mean NFR": float("nan")}]

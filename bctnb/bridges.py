@@ -6,7 +6,6 @@ Docs: https://bctnb.github.io/bctnb/bridges.html.md"""
 
 # %% ../nbs/04b_bridges.ipynb #6754a865
 from __future__ import annotations
-from dataclasses import dataclass, field
 
 # %% auto #0
 __all__ = ['BRIDGES', 'Bridge', 'LeastSquares', 'Ridge', 'Procrustes', 'FCTBridge', 'fit_bridge', 'BridgeLstsq', 'BridgeRidge',
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 from .core import IntegrityError, Registry, check
 from .prototypes import save_artefact, load_artefact
-from .losses import METHODS, Independent
+from .losses import METHODS, Independent, gallery_fn
 from .methods import train_fct
 
 # %% ../nbs/04b_bridges.ipynb #26c68d9e
@@ -34,6 +33,10 @@ class Bridge:
 class _Linear(Bridge):
     "x ↦ xW + b"
     def __call__(self, x): return np.asarray(x, np.float32) @ self.W + self.b
+    def _take(self, m):
+        "W and b from a fitted scikit-learn linear model"
+        self.W, self.b = m.coef_.T.astype(np.float32), m.intercept_.astype(np.float32)
+        return self
     @property
     def params(self) -> int: return int(self.W.size + self.b.size)
     @property
@@ -48,9 +51,7 @@ class _Linear(Bridge):
 class LeastSquares(_Linear):
     def fit(self, src, dst):
         from sklearn.linear_model import LinearRegression
-        m = LinearRegression().fit(src, dst)
-        self.W, self.b = m.coef_.T.astype(np.float32), m.intercept_.astype(np.float32)
-        return self
+        return self._take(LinearRegression().fit(src, dst))
 
 @BRIDGES.register("ridge")
 class Ridge(_Linear):
@@ -58,9 +59,8 @@ class Ridge(_Linear):
     def fit(self, src, dst):
         from sklearn.linear_model import RidgeCV
         m = RidgeCV(alphas=self.alphas).fit(src, dst)
-        self.W, self.b = m.coef_.T.astype(np.float32), m.intercept_.astype(np.float32)
         self.info = {"alpha": float(m.alpha_)}
-        return self
+        return self._take(m)
 
 @BRIDGES.register("procrustes")
 class Procrustes(_Linear):
@@ -83,8 +83,7 @@ class FCTBridge(Bridge):
         self.h = train_fct(torch.as_tensor(np.asarray(src, np.float32)), torch.as_tensor(np.asarray(dst, np.float32)),
                            epochs=self.epochs, seed=self.seed)
         return self
-    def __call__(self, x):
-        with torch.no_grad(): return self.h(torch.as_tensor(np.asarray(x, np.float32))).numpy()
+    def __call__(self, x): return gallery_fn(self.h)(x)
     def module(self) -> nn.Module: return self.h
     @property
     def params(self) -> int: return int(sum(p.numel() for p in self.h.parameters()))

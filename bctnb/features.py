@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FEATURE_KEYS', 'FeatureTable', 'load_features', 'read_labels', 'IdSet', 'features_protocol', 'export_features']
+__all__ = ['FEATURE_KEYS', 'FeatureTable', 'load_features', 'read_labels', 'IdSet', 'check_disjoint', 'features_protocol',
+           'export_features']
 
 # %% ../nbs/07c_features.ipynb #e5f7e17f
 import numpy as np
@@ -149,6 +150,11 @@ class IdSet:
     name: str = "items"
     def __len__(self): return len(self.ids)
 
+def check_disjoint(a, b, what: str, fix: str, where: str = ""):
+    "No id on both sides: a `ConfigError` `<where><n> <what>, e.g. <ids><fix>` otherwise"
+    both = np.intersect1d(np.asarray(a).astype(str), np.asarray(b).astype(str))
+    check(not len(both), f"{where}{len(both)} {what}, e.g. {_examples(both)}{fix}")
+
 def _id_list(x, what):
     if x is None: return None
     return _read_ids(x) if isinstance(x, (str, Path)) else np.asarray(x).astype(str)
@@ -157,8 +163,7 @@ def _labels_for(ids, labels, table, where):
     if labels is None:
         check(table is not None and table.labels is not None,
               f"{where}: no labels: the old model's file has none; pass labels=<a label table with columns id, label>")
-        lab = table.labels[table.rows(ids)]
-        return lab
+        return table.labels[table.rows(ids)]
     m = read_labels(labels) if isinstance(labels, (str, Path)) else {str(k): v for k, v in dict(labels).items()}
     miss = [i for i in ids if i not in m]
     check(not miss, f"{where}: {len(miss)} evaluated id(s) have no label, e.g. {_examples(miss)}; add them to the "
@@ -197,9 +202,7 @@ def _split_protocol(table, ids, labels, query_ids, gallery_ids, query_ratio, see
             isq[idx[:int(round(query_ratio * len(idx)))]] = True
         q, gal = ids[isq], ids[~isq]
     check(q is not None and gal is not None, f"{where}: a split needs both query_ids and gallery_ids")
-    both = np.intersect1d(q, gal)
-    check(not len(both), f"{where}: {len(both)} id(s) are both query and gallery, e.g. {_examples(both)}; "
-          "the sides must be disjoint")
+    check_disjoint(q, gal, "id(s) are both query and gallery", "; the sides must be disjoint", where=f"{where}: ")
     yq, yg = _labels_for(q, labels, table, where), _labels_for(gal, labels, table, where)
     info = {"n_queries": len(q), "n_gallery": len(gal), "n_classes": int(len(np.unique(np.r_[yq, yg]))),
             "split": "query/gallery"}
