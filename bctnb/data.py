@@ -7,15 +7,15 @@ Docs: https://bctnb.github.io/bctnb/data.html.md"""
 # %% ../nbs/01_data.ipynb #e1391132
 from __future__ import annotations
 import importlib, io, math, re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'SPLIT_PARTS', 'DATASET_MODULES', 'DATASETS', 'IMAGE_EXTENSIONS', 'FOLDER_LAYOUT', 'ImageDataset',
            'SubsetDataset', 'ArrayDataset', 'normalize', 'BatchAugment', 'Split', 'make_split', 'LazyRegistry',
-           'load_dataset', 'available_datasets', 'load_synthetic', 'dataset_args', 'decode_image', 'FileImageDataset',
-           'load_folder']
+           'load_dataset', 'available_datasets', 'load_synthetic', 'dataset_args', 'config_split', 'decode_image',
+           'FileImageDataset', 'load_folder']
 
 # %% ../nbs/01_data.ipynb #e58bea75
 import numpy as np
@@ -197,7 +197,7 @@ class BatchAugment:
 
 # %% ../nbs/01_data.ipynb #cf9ce9d7
 SCENARIOS = ("open-class", "open-data", "extended-class", "extended-data")
-SPLIT_PARTS = ("test", "old", "new")
+SPLIT_PARTS = ("test", "old", "new")       # every split has these; "val" only when val_ratio > 0
 
 def _floor_frac(r: float, n: int) -> int:
     "⌊r·n⌋, robust to float products like 0.29·100 = 28.999…"
@@ -223,9 +223,16 @@ class Split:
     within: str = "seeded"
     singletons: str = "both"
     singleton_classes: int = 0
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # validation classes' images
+    val_ratio: float = 0.0
+
+    @property
+    def parts(self) -> tuple:
+        "The parts this split has: test, old, new, and val when it carves validation classes"
+        return SPLIT_PARTS + (("val",) if self.val_ratio > 0 else ())
 
     def indices(self, which: str) -> np.ndarray:
-        check_choice("which", which, SPLIT_PARTS)
+        check_choice("which", which, SPLIT_PARTS + ("val",))
         return getattr(self, which)
 
     def classes(self, which: str) -> np.ndarray:
@@ -243,13 +250,17 @@ class Split:
         return self.classes(which)
 
     def counts(self) -> dict:
-        return {w: {"images": int(len(self.indices(w))), "classes": int(len(self.classes(w)))} for w in SPLIT_PARTS}
+        return {w: {"images": int(len(self.indices(w))), "classes": int(len(self.classes(w)))} for w in self.parts}
 
     def check_invariants(self):
         "Raise `IntegrityError` if test classes leak into training or the scenario's structure is broken"
         ct, co, cn = (self.classes(w) for w in SPLIT_PARTS)
         leak = np.intersect1d(ct, np.union1d(co, cn))
         if leak.size: raise IntegrityError(f"split leaks test classes into training: {leak[:10].tolist()}")
+        cv = self.classes("val")
+        leak = np.intersect1d(cv, np.union1d(ct, np.union1d(co, cn)))
+        if leak.size: raise IntegrityError(f"split's validation classes are also test or training classes: "
+                                           f"{leak[:10].tolist()}")
         if self.scenario == "open-class" and np.intersect1d(co, cn).size:
             raise IntegrityError("open-class split has classes in both old and new training sets")
         if self.scenario.startswith("extended") and np.setdiff1d(self.old, self.new).size:
@@ -266,13 +277,14 @@ class Split:
     def hash(self, n: int = 12) -> str:
         "Short stable hash of the split's content (what each model trains on and the test set)"
         return sha256_bytes(canonical_json({w: [self.keys[i] for i in self.indices(w)]
-                                            for w in SPLIT_PARTS}).encode())[:n]
+                                            for w in self.parts}).encode())[:n]
 
     def __repr__(self):
         c = self.counts()
+        val = f", val={c['val']['classes']}/{c['val']['images']}" if "val" in c else ""
         return (f"Split({self.scenario}, seed={self.seed}, r={self.old_ratio}, test={c['test']['classes']} "
                 f"cls/{c['test']['images']} img, old={c['old']['classes']}/{c['old']['images']}, "
-                f"new={c['new']['classes']}/{c['new']['images']})")
+                f"new={c['new']['classes']}/{c['new']['images']}{val})")
 
 # %% ../nbs/01_data.ipynb #ce8fdafc
 def _class_order(classes: np.ndarray, order: str, seed: int) -> np.ndarray:
@@ -294,11 +306,16 @@ def _data_split(pos: np.ndarray, label: int, r: float, rule: str, within: str, s
     return pos[:k], pos[k:]
 
 def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, test_ratio: float = 0.2, keys=None,
-               order: str = "seeded", rule: str = "mx", within: str = "seeded", singletons: str = "both") -> Split:
-    "Carve a class-disjoint test set, then split the rest for the old and new models per `scenario`"
+               order: str = "seeded", rule: str = "mx", within: str = "seeded", singletons: str = "both",
+               val_ratio: float = 0.0) -> Split:
+    ("Carve a class-disjoint test set (and `val_ratio` of the classes for validation), then split the rest for the old "
+     "and new models per `scenario`")
     check_choice("scenario", scenario, SCENARIOS)
     check_range("old_ratio", old_ratio, 0, 1, lo_open=True, hi_open=True)
     check_range("test_ratio", test_ratio, 0, 1, hi_open=True)
+    check_range("val_ratio", val_ratio, 0, 1, hi_open=True)
+    check(test_ratio + val_ratio < 1, f"test_ratio={test_ratio} + val_ratio={val_ratio} leave no training classes; "
+          "lower one of them")
     check_choice("order", order, ["seeded", "id", "oc"]); check_choice("rule", rule, ["mx", "oc"])
     check_choice("within", within, ["seeded", "key"]); check_choice("singletons", singletons, ["both", "error"])
     check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0,
@@ -319,6 +336,12 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
                           "classes, or test_ratio=0 if the dataset has its own test set")
     test_cls = np.sort(np.random.default_rng(int(seed) + 1).permutation(classes)[:n_test])
     rest = np.setdiff1d(classes, test_cls)
+    # 1b. held-out validation classes (none at val_ratio=0: the split is then what it always was)
+    n_val = _floor_frac(val_ratio, C)
+    if val_ratio > 0 and n_val == 0:
+        raise ConfigError(f"val_ratio={val_ratio} of {C} classes is 0 classes; use a larger val_ratio or more classes")
+    val_cls = np.sort(np.random.default_rng(int(seed) + 2).permutation(rest)[:n_val])
+    rest = np.setdiff1d(rest, val_cls)
     # 2. class split
     n_old = _floor_frac(old_ratio, len(rest))
     if n_old < 1 or n_old >= len(rest):
@@ -327,8 +350,8 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
                           f"{math.ceil(1 / min(old_ratio, 1 - old_ratio)) + 1} after the test carve-out), or change "
                           "old_ratio/test_ratio.")
     old_cls = np.sort(_class_order(rest, order, int(seed))[:n_old])
-    is_test, is_old_cls = np.isin(labels, test_cls), np.isin(labels, old_cls)
-    train_pos = np.flatnonzero(~is_test)
+    is_test, is_old_cls, is_val = np.isin(labels, test_cls), np.isin(labels, old_cls), np.isin(labels, val_cls)
+    train_pos = np.flatnonzero(~is_test & ~is_val)
     # 3. data split (only for the -data scenarios, but the singleton count is recorded for all)
     tl = labels[train_pos]
     o = np.lexsort((train_pos, tl))                                 # by class, then record order
@@ -346,12 +369,13 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
             a, b = _data_split(pos_sorted[a0:b0], int(lab_sorted[a0]), old_ratio, rule, within, int(seed))
             o.append(a); n.append(b)
         data_old, data_new = np.sort(np.concatenate(o)), np.sort(np.concatenate(n))
-    if scenario == "open-class": old, new = np.flatnonzero(is_old_cls), np.flatnonzero(~is_test & ~is_old_cls)
+    if scenario == "open-class": old, new = np.flatnonzero(is_old_cls), np.flatnonzero(~is_test & ~is_val & ~is_old_cls)
     elif scenario == "extended-class": old, new = np.flatnonzero(is_old_cls), train_pos
     elif scenario == "open-data": old, new = data_old, data_new
     else: old, new = data_old, train_pos
     sp = Split(scenario, int(seed), float(old_ratio), float(test_ratio), np.flatnonzero(is_test).astype(np.int64),
-               old.astype(np.int64), new.astype(np.int64), labels, keys, order, rule, within, singletons, len(singles))
+               old.astype(np.int64), new.astype(np.int64), labels, keys, order, rule, within, singletons, len(singles),
+               np.flatnonzero(is_val).astype(np.int64), float(val_ratio))
     sp.check_invariants()
     return sp
 
@@ -364,7 +388,7 @@ def _key_sort(keys: list) -> np.ndarray:
 def _save_split(self: Split, dir, name: str) -> Path:
     dir = Path(dir); dir.mkdir(parents=True, exist_ok=True)
     files = {}
-    for w in SPLIT_PARTS:
+    for w in self.parts:
         idx = self.indices(w)
         ks = [self.keys[i] for i in idx]
         o = _key_sort(ks)
@@ -374,7 +398,7 @@ def _save_split(self: Split, dir, name: str) -> Path:
         atomic_write(dir/fn, text.encode("utf-8"))
         files[w] = {"file": fn, "sha256": sha256_bytes(text.encode("utf-8"))}
     man = {"format": "bctnb-split/1", "name": name, "scenario": self.scenario, "seed": self.seed,
-           "old_ratio": self.old_ratio,
+           "old_ratio": self.old_ratio, **({"val_ratio": self.val_ratio} if self.val_ratio > 0 else {}),
            "test_ratio": self.test_ratio, "order": self.order, "rule": self.rule, "within": self.within,
            "singletons": self.singletons,
            "input": {"images": len(self.labels), "classes": int(len(np.unique(self.labels))),
@@ -402,7 +426,7 @@ def _load_split(cls, dir, name: str | None = None, keys=None) -> Split:
     pos_of = {k: i for i, k in enumerate(keys)}
     labels = np.full(len(keys), -1, dtype=np.int64)
     parts = {}
-    for w in SPLIT_PARTS:
+    for w in man["files"]:
         f = dir/man["files"][w]["file"]
         if not f.exists():
             raise NotFoundError(f"split file {f} is missing; re-create the split with "
@@ -425,7 +449,8 @@ def _load_split(cls, dir, name: str | None = None, keys=None) -> Split:
                              "the keys of the dataset the split was made for")
     return cls(man["scenario"], man["seed"], man["old_ratio"], man["test_ratio"], parts["test"], parts["old"],
                parts["new"], labels, keys,
-               man["order"], man["rule"], man["within"], man["singletons"], man["singleton_classes"])
+               man["order"], man["rule"], man["within"], man["singletons"], man["singleton_classes"],
+               parts.get("val", np.zeros(0, np.int64)), man.get("val_ratio", 0.0))
 
 Split.save = _save_split
 Split.load = classmethod(_load_split)
@@ -505,6 +530,17 @@ def dataset_args(dataset: str, data_root=None, dataset_kw: dict | None = None) -
                           "(papermill: -p data_root <folder>) and no 'root' in dataset_kw")
     root = data_root if data_root is not None else kw_root
     return (None if root is None else str(root)), kw
+
+def config_split(config, ds: ImageDataset | None = None) -> Split:
+    """The split a training config names (a `TrainConfig` or its dict: scenario, old/test/val ratios, split seed) of
+    `ds`, by default the config's dataset, loaded"""
+    c = config if isinstance(config, dict) else config.to_dict()
+    if ds is None:
+        root, kw = dataset_args(c["dataset"], c.get("data_root"), c.get("dataset_kw"))
+        ds = load_dataset(c["dataset"], root=root, **kw)
+    return make_split(ds.labels, c["scenario"], c["old_ratio"], c["split_seed"], c["test_ratio"], keys=ds.keys,
+                      val_ratio=c.get("val_ratio") or 0.0)
+
 
 # %% ../nbs/01_data.ipynb #79d59035
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")

@@ -16,12 +16,12 @@ import numpy as np
 from .core import ConfigError, NotFoundError
 from .runs import Run
 from .models import load_model
-from .data import load_dataset, make_split
+from .data import config_split, load_dataset
 from .losses import get_method
 from .train import TrainConfig, check_method
 
 # %% ../nbs/05a_new_run.ipynb #a62fab16
-SPLIT_KEYS = ("dataset", "data_root", "dataset_kw", "split_seed", "old_ratio", "test_ratio")
+SPLIT_KEYS = ("dataset", "data_root", "dataset_kw", "split_seed", "old_ratio", "test_ratio", "val_ratio")
 
 def _old_run(old_run):
     p = Path(str(old_run)).expanduser()
@@ -42,6 +42,7 @@ def new_run_config(old_run, method: str = "independent", preset: str = "cpu", me
     "Check that `old_run` fits a new `method` run and return its `TrainConfig` (role 'new')"
     m = get_method(method, **(method_kw or {}))                 # unknown method / hyper-parameter: lists the valid ones
     run, ocfg, info = _old_run(old_run)
+    ocfg = {"val_ratio": 0.0, **ocfg}                 # runs made before validation classes existed have none
     if dataset is not None and dataset != ocfg["dataset"]:
         raise ConfigError(f"the old run {run.path} was trained on dataset '{ocfg['dataset']}', not '{dataset}'. "
                           f"Compatible training needs the same dataset (its new split); drop dataset= or pass an old "
@@ -53,8 +54,7 @@ def new_run_config(old_run, method: str = "independent", preset: str = "cpu", me
     scen = scenario or ocfg["scenario"]
     if scen != ocfg["scenario"]:
         ds = load_dataset(ocfg["dataset"], root=ocfg.get("data_root"), **(ocfg.get("dataset_kw") or {}))
-        kw = dict(old_ratio=ocfg["old_ratio"], seed=ocfg["split_seed"], test_ratio=ocfg["test_ratio"], keys=ds.keys)
-        a, b = make_split(ds.labels, ocfg["scenario"], **kw), make_split(ds.labels, scen, **kw)
+        a, b = config_split(ocfg, ds), config_split({**ocfg, "scenario": scen}, ds)
         if not (np.array_equal(a.old, b.old) and np.array_equal(a.test, b.test)):
             raise ConfigError(f"the old run {run.path} was trained on the old part of the '{ocfg['scenario']}' split, "
                               f"which is not the old part of '{scen}'. Train an old model for it (train_old.ipynb "

@@ -249,27 +249,33 @@ def pair_tar(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float 
     return tar_at_far((q @ g.T)[mask], (lab[:, None] == lab[None, :])[mask].astype(np.int8), [far])[far]
 
 def split_images(config, which: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    "(uint8 images, global labels) of one part ('test', 'old', 'new') of a training config's dataset and split"
-    from bctnb.data import dataset_args, load_dataset, make_split
+    "(uint8 images, global labels) of one part ('test', 'val', 'old', 'new') of a training config's dataset and split"
+    from bctnb.data import config_split, dataset_args, load_dataset
     c = config if isinstance(config, dict) else config.to_dict()
     root, kw = dataset_args(c["dataset"], c.get("data_root"), c.get("dataset_kw"))
     ds = load_dataset(c["dataset"], root=root, **kw)
-    sp = make_split(ds.labels, c["scenario"], c["old_ratio"], c["split_seed"], c["test_ratio"], keys=ds.keys)
+    sp = config_split(c, ds)
+    if which not in sp.parts:
+        raise ConfigError(f"the split of this run has no '{which}' part: it was trained with val_ratio="
+                          f"{c.get('val_ratio') or 0}. Validation metrics need models trained with validation classes "
+                          "held out (val_ratio > 0, e.g. plan_study(..., extra={'val_ratio': 0.1}))")
     idx = sp.indices(which)
     return ds.subset(idx).images_uint8(), np.asarray(ds.labels)[idx]
 
 @PROTOCOLS.register("cpu_tier")
-def cpu_tier_protocol(root=None, config=None, far: float = 1e-3) -> ProtocolData:
+def cpu_tier_protocol(root=None, config=None, far: float = 1e-3, part: str = "test") -> ProtocolData:
     """The CPU tier's protocol on the held-out test classes of a run's split (`config`: the old run's `TrainConfig` or
     its dict): leave-one-out retrieval (mAP, R@1/5/10) and TAR@FAR over all test pairs. Hot refresh scores retrieval
-    only."""
+    only. `part="val"`: the same on the split's validation classes instead (hyper-parameter selection; the test images
+    are then never loaded)."""
     if config is None:
         raise ConfigError("protocol 'cpu_tier' evaluates the held-out test classes of a run's split: pass config=<the "
                           "old run's TrainConfig or config dict> (nbs/evaluate.ipynb reads it from -p old_run)")
-    X, y = split_images(config, "test")
+    check_choice("part", part, ["test", "val"])
+    X, y = split_images(config, part)
     return ProtocolData("cpu_tier", X, None, loo_tar_scorer(y, far), "mAP", ("mAP", "R@1", "TAR"),
                         refresh_scorer=loo_scorer(y),
-                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far})
+                        info={"n_images": int(len(y)), "n_classes": int(len(np.unique(y))), "far": far, "part": part})
 
 def loo_tar_scorer(labels, far: float = 1e-3) -> Callable:
     "Leave-one-out retrieval (`loo_scorer`) plus TAR@`far` over all pairs (`pair_tar`): the CPU tier's scorer"

@@ -51,6 +51,7 @@ class Job:
     tags: dict = field(default_factory=dict)    # method, scenario, seed, old_variant, ...
     refresh: bool = False               # also run the hot-refresh sweep for this job
     post_epochs: int | None = None      # a method with a post-training stage: its epochs (gallery = h(φ_o(g)))
+    part: str = "test"                  # what a new job is evaluated on: "test" classes, or "val" (tuning, bctnb.tune)
 
     def config(self, old_run: str | None = None):
         from bctnb.train import TrainConfig
@@ -61,8 +62,9 @@ class Job:
     @property
     def id(self) -> str:
         "Stable id, a portable file name: `safe_name(label)` + hash of the overrides, preset, role and the old job's id"
+        part = {"part": self.part} if self.part != "test" else {}        # a validation job is another result
         h = config_hash({"o": self.overrides, "p": self.preset, "r": self.role,
-                         "old": self.old.id if self.old else None})
+                         "old": self.old.id if self.old else None, **part})
         return f"{safe_name(self.label)}-{h}"
 
 OLD_VARIANTS = {
@@ -165,15 +167,18 @@ def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) ->
 
 # %% ../nbs/08_study.ipynb #61f3edc8
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
-                  method: str | None = None, post_epochs: int | None = None, mechanism: bool = True) -> dict:
+                  method: str | None = None, post_epochs: int | None = None, mechanism: bool = True,
+                  part: str = "test") -> dict:
     """old/old, self and cross metrics (the `cpu_tier` protocol) of a trained new run against its old run, plus hot
     refresh. `method` (a spec like "fct" or "nccl:tau=0.1"; default the run's `cfg.method`): when it has a post-training
     stage, h is fitted with `post_epochs` (default: the method's for `cfg.preset`) on the new training set, cached in
     the new run's folder, and the gallery side of cross-test (and the start of the refresh) is h(φ_o(g))
-    ("new/h(old)"). `mechanism`: also measure whether the method's mechanism acted (`mechanism_stats`)."""
+    ("new/h(old)"). `mechanism`: also measure whether the method's mechanism acted (`mechanism_stats`). `part="val"`:
+    every retrieval metric on the split's validation classes instead of its test classes (hyper-parameter selection
+    never loads a test image)."""
     from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage, mechanism_stats
     from bctnb.losses import METHODS, gallery_fn
-    data = PROTOCOLS["cpu_tier"](config=cfg)
+    data = PROTOCOLS["cpu_tier"](config=cfg, part=part)
     name = parse_method(method)[0] if method else cfg.method
     cls, tfs = METHODS.get(name), {}
     if cls.has_post_stage():
@@ -187,7 +192,8 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}
     r = ev.new["new"]
     out = {"old/old": keep(ev.old_old), "self": keep(r["self"]), "cross": keep(r["cross"]),
-           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"]}
+           "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"],
+           **({"part": part} if part != "test" else {})}
     if mechanism:
         out["mechanism"] = mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name,
                                            {**cfg.method_kw, **(parse_method(method)[1] if method else {})})
@@ -266,8 +272,9 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         wall = Run(d).status.get("wall_s") or time.time() - t
         cfg = j.config(old_dirs[j.old.id])
         ev = evaluate_pair(old_dirs[j.old.id], d, cfg, refresh=j.refresh, method=j.tags["method"],
-                           post_epochs=j.post_epochs)
-        res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "new_run": Path(d).name,
+                           post_epochs=j.post_epochs, part=j.part)
+        res = {"study": name, "job": j.id, "label": j.label, **j.tags, "role": j.role, "part": j.part,
+               "new_run": Path(d).name,
                "old_run": Path(old_dirs[j.old.id]).name, "old_label": j.old.label, "config": cfg.to_dict(),
                "train_wall_s": wall, "old_train_wall_s": Run(old_dirs[j.old.id]).status.get("wall_s"),
                "metrics": ev, "models": {k: load_json(Path(p)/"model"/"model.json", "model description")["files"]
@@ -302,18 +309,18 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
 # %% ../nbs/08_study.ipynb #31b3a50e
 def check_batches(jobs: Sequence[Job]):
     "Raise a `ConfigError` naming `-p batch_size` and the split size if a job's batch is larger than its training split"
-    from bctnb.data import load_dataset, make_split
+    from bctnb.data import config_split, load_dataset
     data, seen = {}, set()
     for j in jobs:
         c = j.config()
         dkey = (c.dataset, c.data_root, json.dumps(c.dataset_kw, sort_keys=True))
-        key = (dkey, c.scenario, c.old_ratio, c.split_seed, c.test_ratio, c.role, c.batch_size, c.world_size)
+        key = (dkey, c.scenario, c.old_ratio, c.split_seed, c.test_ratio, c.val_ratio, c.role, c.batch_size,
+               c.world_size)
         if key in seen: continue
         seen.add(key)
         if dkey not in data: data[dkey] = load_dataset(c.dataset, c.data_root, **c.dataset_kw)
         ds = data[dkey]
-        sp = make_split(ds.labels, c.scenario, c.old_ratio, c.split_seed, c.test_ratio, keys=ds.keys)
-        n = len(sp.indices(c.role))
+        n = len(config_split(c, ds).indices(c.role))
         if n // c.batch_size < 1:
             fit = 2 ** int(math.log2(n)) if n else 1
             raise ConfigError(f"{j.label}: the {c.role} training split of {c.dataset} ({c.scenario}, split seed "
@@ -331,7 +338,8 @@ def load_results(study_dir) -> pd.DataFrame:
     for f in sorted((Path(study_dir)/"runs").glob("*.json")):
         r = load_json(f, "study result")
         row = {k: r.get(k) for k in ("job", "label", "method", "scenario", "seed", "old_variant", "train_wall_s",
-                                     "old_train_wall_s")}
+                                     "old_run", "old_train_wall_s")}
+        row["part"] = r.get("part", "test")            # the classes the metrics come from (tuning studies: "val")
         for side in SIDES:
             for k, v in r["metrics"][side].items(): row[f"{side}:{k}"] = v
         for k, v in r["metrics"].get("mechanism", {}).items(): row[f"mechanism:{k}"] = v    # did the mechanism act

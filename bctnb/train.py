@@ -28,7 +28,7 @@ from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, Confi
 from .runs import Run, RUN_LOCK_ENV, RunLock
 from .checkpoint import save_checkpoint, load_checkpoint, _rng_json, _rng_from_json, _opt_join, _load_module
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
-from .data import DATASETS, BatchAugment, dataset_args, load_dataset, make_split, SCENARIOS
+from .data import DATASETS, BatchAugment, config_split, dataset_args, load_dataset, SCENARIOS
 from .losses import METHODS, Batch, MethodContext, Method, get_method
 
 # %% ../nbs/05_train.ipynb #be490d28
@@ -48,6 +48,7 @@ class TrainConfig(Config):
     split_seed: int = 0
     old_ratio: float = 0.3
     test_ratio: float = 0.2
+    val_ratio: float = 0.0                  # validation classes held out of both training splits (Split docs)
     role: str = "old"                       # which training split: "old" (old model) or "new"
     # model
     backbone: str = "cpu_resnet"
@@ -121,6 +122,7 @@ class TrainConfig(Config):
         check_range("power", self.power, 0, lo_open=True)
         check_range("old_ratio", self.old_ratio, 0, 1, lo_open=True, hi_open=True)
         check_range("test_ratio", self.test_ratio, 0, 1, hi_open=True)
+        check_range("val_ratio", self.val_ratio, 0, 1, hi_open=True)
         check(self.min_lr <= self.lr,
               f"min_lr={self.min_lr} exceeds lr={self.lr}; the schedule decays from lr to min_lr")
         check(self.warmup_epochs <= self.epochs, f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
@@ -132,6 +134,7 @@ class TrainConfig(Config):
         """What names the run: every non-runtime field, with the old model named by its own id (`old_model_id`), not by
         the folder it sits in, so a copied checkout or a moved run gives the same id. `old_id` overrides the look-up."""
         d = super().identity()
+        if not self.val_ratio: del d["val_ratio"]      # added later: a run without validation classes keeps its id
         if self.old_run: d["old_run"] = old_id or old_model_id(self.old_run)
         return d
 
@@ -142,8 +145,7 @@ class TrainConfig(Config):
         ("Check what the run needs before workers start: the dataset (loaded, i.e. built once, here), the split size, "
          "the old model")
         ds = load_dataset(self.dataset, root=self.data_root, **self.dataset_kw)
-        split = make_split(ds.labels, self.scenario, old_ratio=self.old_ratio, seed=self.split_seed,
-                           test_ratio=self.test_ratio, keys=ds.keys)
+        split = config_split(self, ds)
         _check_batches(len(split.indices(self.role)), self)
         check_method(self)                  # the old model (loaded, not hashed) against the method: Method.check
 
@@ -283,8 +285,7 @@ class TrainData:
 def prepare_data(cfg: TrainConfig) -> TrainData:
     "Dataset, split and the role's training rows"
     ds = load_dataset(cfg.dataset, root=cfg.data_root, **cfg.dataset_kw)
-    split = make_split(ds.labels, cfg.scenario, old_ratio=cfg.old_ratio, seed=cfg.split_seed, test_ratio=cfg.test_ratio,
-                       keys=ds.keys)
+    split = config_split(cfg, ds)
     pos = np.asarray(split.indices(cfg.role), dtype=np.int64)
     check(len(pos) > 0, f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) is empty; use a larger dataset or "
                         "another scenario")

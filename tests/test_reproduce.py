@@ -180,3 +180,50 @@ def test_evaluate_notebook_on_zoo_models_gives_the_report_numbers(tmp_path, zoo,
     assert feats["old/old"] == res["old/old"]
     assert feats["new"]["new_run"]["self"] == res["new"]["l2"]["self"]
     assert feats["new"]["new_run"]["cross"] == res["new"]["l2"]["cross"]
+
+
+# ---------------------------------------------------------------- tuning on validation classes (bctnb.tune, tune.ipynb)
+_TUNE = dict(scale="smoke", dataset="synthetic", dataset_kw={"num_classes": 40, "per_class": 6}, methods=["l2"])
+
+
+@pytest.mark.slow
+def test_tune_notebook_smoke(tmp_path, runs):
+    "tune.ipynb trains the grid (independent + 4 L2 points) without the validation classes and selects on them"
+    from bctnb.study import load_results
+    out_dir = tmp_path / "tune"
+    _papermill("tune.ipynb", tmp_path / "out.ipynb", out_dir=str(out_dir), run_root=str(runs), **_TUNE)
+    df = load_results(out_dir)
+    assert sorted(df.method) == sorted(["independent", "l2", "l2:lam=1.0", "l2:lam=3.0", "l2:lam=30.0"])
+    assert set(df.part) == {"val"}
+    res = [json.loads(f.read_text()) for f in (out_dir / "runs").glob("*.json")]
+    # 40 classes: 8 test, 4 validation (val_ratio 0.1), and the metrics come from the 4 validation classes
+    assert {(r["config"]["val_ratio"], r["metrics"]["n_test_classes"], r["metrics"]["part"]) for r in res} == {(0.1, 4, "val")}
+    sel = (out_dir / "selection.csv").read_text()
+    assert sel.startswith("scenario,method") and "\nopen-class,l2," in sel
+    readme = (out_dir / "README.md").read_text()
+    assert "## open-class: every grid point (validation classes)" in readme and "## open-class: selection" in readme
+    assert "4 classes / 24 images" in readme and "## Environment and cost" in readme
+
+
+@pytest.mark.slow
+def test_selection_never_reads_the_test_split(tmp_path, runs, monkeypatch):
+    """Tuning — training the grid, evaluating it, selecting — with the test images made unreadable: it still works, and
+    the guard is real (a test evaluation of the same models trips it)."""
+    import bctnb.protocols as P
+    from bctnb.study import evaluate_pair, load_results, run_study
+    from bctnb.train import TrainConfig
+    from bctnb.tune import plan_tuning, select_settings
+    read, real = [], P.split_images
+    def guarded(config, which="test"):
+        read.append(which)
+        if which == "test": raise AssertionError("the test split was read")
+        return real(config, which)
+    monkeypatch.setattr(P, "split_images", guarded)
+    jobs = plan_tuning(_TUNE["scale"], methods=_TUNE["methods"], dataset=_TUNE["dataset"], dataset_kw=_TUNE["dataset_kw"])
+    df = run_study("tune_guard", jobs, tmp_path / "tune", runs, workers=2)
+    sel = select_settings(df)
+    assert len(sel) == 1 and sel.loc[0, "chosen"].startswith("l2") and "test" not in read and "val" in read
+    r = json.loads(sorted((tmp_path / "tune" / "runs").glob("*.json"))[0].read_text())
+    with pytest.raises(AssertionError, match="the test split was read"):
+        evaluate_pair(Path(runs) / r["old_run"], Path(runs) / r["new_run"], TrainConfig.from_dict(r["config"]),
+                      mechanism=False)
