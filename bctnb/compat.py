@@ -18,7 +18,7 @@ __all__ = ['upgrade_metrics', 'advbct_scores', 'seed_summary', 'compatibility_ma
 import numpy as np
 import pandas as pd
 from .core import ConfigError, check, check_choice
-from .evaluate import as_features, l2_normalize
+from .evaluate import UnitRows, as_features, l2_normalize
 
 # %% ../nbs/07a_compat.ipynb #9f6580cc
 def upgrade_metrics(oo: float, nn: float, no: float, ind: float | None = None) -> dict:
@@ -133,7 +133,9 @@ def hot_refresh(q_new, g_old, g_new, scorer: Callable, *, q_old=None, g_old_ref=
                 metric: str = "mAP") -> RefreshResult:
     """Partial-backfill sweep: metric and flip rates vs old/old at β = 0, 1/S, …, 1 for each ordering.
     `g_old` is what un-refreshed items hold; the old/old reference is (q_old, g_old_ref), `g_old_ref` defaulting to
-    `g_old` (pass the raw old features when `g_old` is a transformed gallery such as FCT's h(φ_o(g)))."""
+    `g_old` (pass the raw old features when `g_old` is a transformed gallery such as FCT's h(φ_o(g))).
+    Memory: one gallery buffer beside the inputs, refreshed in place step by step; `scorer` gets the queries and that
+    buffer as `UnitRows` (already normalised; `prepare_pair` and every scorer here take them as they are)."""
     check(isinstance(steps, int) and steps >= 1,
           f"steps={steps!r} must be a positive integer (10 gives β = 0, .1, …, 1)")
     Go, Gn = as_features(g_old, "old gallery features"), as_features(g_new, "new gallery features")
@@ -150,13 +152,16 @@ def hot_refresh(q_new, g_old, g_new, scorer: Callable, *, q_old=None, g_old_ref=
     n_i = (np.arange(steps + 1) * Ng) // steps
     rows, summ = [], []
     runs = [(o, s) for o in orderings for s in (seeds if o == "random" else [None])]
+    Q, G = UnitRows.of(q_new, "new query features"), None      # normalised once (row by row: the same floats)
     for kind, seed in runs:
         perm = refresh_order(kind, Go, Gn, seed=seed or 0, scores=uncertainty if kind == "uncertainty" else sigma)
-        pos = np.empty(Ng, np.int64); pos[perm] = np.arange(Ng)
-        Ms = []
+        if G is None: G = l2_normalize(Go)                      # the one gallery buffer
+        else:
+            for a in range(0, Ng, 1 << 16): G[a:a + (1 << 16)] = l2_normalize(Go[a:a + (1 << 16)])   # back to old
+        Ms, done = [], 0
         for i, n in enumerate(n_i):
-            G = np.where((pos < n)[:, None], Gn, Go)
-            m, c = scorer(q_new, G)
+            idx = perm[done:n]; G[idx] = l2_normalize(Gn[idx]); done = n    # refresh the next items in place
+            m, c = scorer(Q, UnitRows(G))
             row = {"ordering": kind, "seed": seed, "step": i, "beta": beta[i], "n_refreshed": int(n),
                    **{k: v for k, v in m.items() if np.isscalar(v)}}
             if c_oo is not None:

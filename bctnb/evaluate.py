@@ -10,10 +10,11 @@ import math
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['MIN_ROWS', 'IJBC_FARS', 'as_features', 'l2_normalize', 'prepare_pair', 'rank_relevant', 'retrieval_metrics', 'knn',
-           'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k', 'ijbc_image_features', 'ijbc_templates',
-           'ijbc_pair_scores', 'ijbc_verification', 'identification_metrics', 'ijbc_identification', 'reid_metrics',
-           'loo_scorer', 'split_scorer', 'revisited_scorer', 'gldv2_scorer', 'reid_scorer', 'ijbc_scorer']
+__all__ = ['MIN_ROWS', 'BLOCK_BYTES', 'IJBC_FARS', 'as_features', 'l2_normalize', 'UnitRows', 'prepare_pair', 'rank_relevant',
+           'retrieval_metrics', 'knn', 'roc_points', 'tar_at_far', 'revisited_map', 'gldv2_map_at_k',
+           'ijbc_image_features', 'ijbc_templates', 'ijbc_pair_scores', 'ijbc_verification', 'identification_metrics',
+           'ijbc_identification', 'reid_metrics', 'loo_scorer', 'split_scorer', 'revisited_scorer', 'gldv2_scorer',
+           'reid_scorer', 'ijbc_scorer']
 
 # %% ../nbs/07_evaluate.ipynb #f28c1a05
 import numpy as np
@@ -32,7 +33,9 @@ def as_features(x, name: str = "features") -> np.ndarray:
     if x.ndim != 2:
         raise ConfigError(f"{name} must be a 2-D array (N items × d dims), got shape {x.shape}. "
                           "For flip pairs (N×2×d) sum or select one view first (flip='sum' or feats[:, 0]).")
-    bad = ~np.isfinite(x).all(axis=1)
+    bad = np.zeros(len(x), bool)
+    for a in range(0, len(x), 1 << 16):                      # in row blocks: no N×d boolean temporary
+        bad[a:a + (1 << 16)] = ~np.isfinite(x[a:a + (1 << 16)]).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
         raise ConfigError(f"{name} contain NaN/inf in {len(rows)} of {len(x)} rows (first: row {rows[0]}). "
@@ -45,30 +48,52 @@ def l2_normalize(x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))).astype(np.float32, copy=False)
 
+class UnitRows:
+    """Features already checked and L2-normalised (`UnitRows.of(x)` = `l2_normalize(as_features(x))`): `prepare_pair`
+    and every scorer take them as they are, without a copy or a second normalisation (hot refresh scores one gallery
+    buffer many times)"""
+    def __init__(self, x: np.ndarray): self.x = x
+    @classmethod
+    def of(cls, x, name: str = "features") -> "UnitRows":
+        return x if isinstance(x, cls) else cls(l2_normalize(as_features(x, name)))
+    def __len__(self): return len(self.x)
+    @property
+    def shape(self): return self.x.shape
+    def __array__(self, dtype=None, copy=None): return self.x if dtype in (None, self.x.dtype) else self.x.astype(dtype)
+
+def _unit(x, name): return x.x if isinstance(x, UnitRows) else l2_normalize(as_features(x, name))
+
 def prepare_pair(query_feats, gallery_feats, gallery_transform: Callable | None = None):
     ("Checked, L2-normalised (query, gallery) fp32 arrays; `gallery_transform` maps gallery features into query space "
-     "first")
-    q = as_features(query_feats, "query features")
+     "first. `UnitRows` inputs are used as they are.")
+    if gallery_transform is not None and isinstance(gallery_feats, UnitRows):
+        raise ConfigError("gallery_transform needs the raw gallery features, got UnitRows (already normalised): apply "
+                          "the transformation first, then UnitRows.of")
+    q = query_feats if isinstance(query_feats, UnitRows) else as_features(query_feats, "query features")
     g = gallery_feats if gallery_transform is None else gallery_transform(gallery_feats)
-    g = as_features(g, "gallery features")
+    g = g if isinstance(g, UnitRows) else as_features(g, "gallery features")
     if len(g) == 0: raise ConfigError("the gallery is empty (0 items): nothing can be retrieved. Check the split / "
                                       "gallery selection.")
     if q.shape[1] != g.shape[1]:
         raise ConfigError(f"query features have {q.shape[1]} dims but gallery features have {g.shape[1]}: these models "
                           "are not directly comparable. Declare a transformation (gallery_transform=h, e.g. an FCT "
                           "transformation) or compare models with the same embedding dimension.")
-    return l2_normalize(q), l2_normalize(g)
+    return _unit(q, "query features"), _unit(g, "gallery features")
 
 # %% ../nbs/07_evaluate.ipynb #1e6941b4
 _BLOCK = 1 << 22   # scores per block (rows × gallery): 16 MB fp32, 32 MB of keys, when that is >= MIN_ROWS rows
-MIN_ROWS = 64      # rows per block at least: one-row blocks of a multi-million gallery run several times slower
+MIN_ROWS = 64      # rows per block at least: one-row blocks of a multi-million gallery run several times slower …
+BLOCK_BYTES = 2 << 30   # … unless MIN_ROWS rows need more working memory than this
+_BYTES_PER_SCORE = 16   # fp32 score + its sorted copy + relevance mask, int64 order keys on tied rows: ≤ 16 B
 
 def _row_blocks(n_rows: int, n_cols: int, block: int | None = None):
     """Row ranges of a blocked n_rows × n_cols score computation: `block` scores per block, but at least `MIN_ROWS`
-    rows (a 10 M gallery: 64 rows, 2.6 GB of fp32 scores), and at most what `_order_keys` packs into 63 bits"""
-    block = block or _BLOCK
-    cap = 1 << max(0, 31 - max(1, (max(n_cols, 1) - 1).bit_length()))   # rows whose order keys fit 63 bits
-    step = max(1, min(n_rows, cap, max(MIN_ROWS, block // max(n_cols, 1))))
+    rows; at most `BLOCK_BYTES` of working memory (a 10 M gallery: 13 rows, 2 GiB) and what `_order_keys` packs into
+    63 bits"""
+    block, n = block or _BLOCK, max(n_cols, 1)
+    cap = 1 << max(0, 31 - max(1, (n - 1).bit_length()))   # rows whose order keys fit 63 bits
+    budget = max(1, BLOCK_BYTES // (_BYTES_PER_SCORE * n))
+    step = max(1, min(n_rows, cap, budget, max(MIN_ROWS, block // n)))
     for a in range(0, n_rows, step): yield a, min(a + step, n_rows)
 
 def _mono(x: np.ndarray) -> np.ndarray:
@@ -100,14 +125,16 @@ def rank_relevant(S: np.ndarray, rel: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """For a score block `S` (c×n, fp32) and a boolean mask `rel` (c×n) of relevant items: the row and 0-based rank of
     every relevant item, sorted by (row, rank). Ranking = descending score, ties by ascending column."""
     c, n = S.shape
-    r, j = np.nonzero(rel)
-    off = r.astype(np.int64) << 32
-    srt = _mono(np.sort(S, axis=1)).astype(np.int64); srt += (np.arange(c, dtype=np.int64) << 32)[:, None]
-    flat = srt.ravel()
-    q = _mono(S[r, j]).astype(np.int64) + off
-    right = np.searchsorted(flat, q, side="right")
-    rank = (r.astype(np.int64) + 1) * n - right              # #{scores strictly greater}
-    tied = right - np.searchsorted(flat, q, side="left") > 1
+    r, j = np.nonzero(rel)                                   # row-major: r ascending
+    v, srt = S[r, j] + np.float32(0), np.sort(S, axis=1)     # + 0: -0.0 → +0.0 (they compare equal anyway)
+    right, left = np.empty(len(r), np.int64), np.empty(len(r), np.int64)
+    st = _group_start(r, c)
+    for i in np.flatnonzero(np.diff(st)):                    # per row: no c×n int64 copy (≤ 9 B per score)
+        a, b = st[i], st[i + 1]
+        right[a:b] = np.searchsorted(srt[i], v[a:b], side="right")
+        left[a:b] = np.searchsorted(srt[i], v[a:b], side="left")
+    rank = n - right                                         # #{scores strictly greater}
+    tied = right - left > 1
     if tied.any():                                           # exact tie rule on the rows that need it
         tr = np.unique(r[tied])
         keep = ~np.isin(r, tr)

@@ -83,8 +83,12 @@ class FeatureTable:
         return pos
 
     def embed(self, items) -> np.ndarray:
-        "fp32 vectors of `items` (anything with `.ids`, e.g. the protocol's `IdSet`), in their order"
-        return np.ascontiguousarray(self.feats[self.rows(items.ids)], dtype=np.float32)
+        """fp32 vectors of `items` (anything with `.ids`, e.g. the protocol's `IdSet`), in their order; a run of
+        consecutive rows is a view (of the memory-mapped file for `.npy`), not a copy"""
+        pos = self.rows(items.ids)
+        if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and bool((np.diff(pos) == 1).all()):
+            return np.ascontiguousarray(self.feats[pos[0]:pos[-1] + 1], dtype=np.float32)
+        return np.ascontiguousarray(self.feats[pos], dtype=np.float32)
 
 # %% ../nbs/07c_features.ipynb #2b24b097
 def _read_ids(path) -> np.ndarray:

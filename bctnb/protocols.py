@@ -25,7 +25,7 @@ from .core import (ConfigError, NotFoundError, IntegrityError, check, check_choi
                         sha256_bytes, sha256_file, save_json, load_json, atomic_path, data_home)
 from .data import LazyRegistry
 from .runs import Run
-from .evaluate import (l2_normalize, tar_at_far, ijbc_image_features, ijbc_templates, loo_scorer,
+from .evaluate import (prepare_pair, tar_at_far, ijbc_image_features, ijbc_templates, loo_scorer,
                             revisited_scorer, gldv2_scorer, reid_scorer, ijbc_scorer)
 from .compat import (upgrade_metrics, compatibility_matrix, compatibility_summary, old_uncertainty,
                           hot_refresh)
@@ -243,7 +243,7 @@ def ijbc_protocol(root=None, image_size: int = 112, one_to_n: bool = True) -> Pr
 
 def pair_tar(q: np.ndarray, g: np.ndarray, labels, same_model: bool, far: float = 1e-3) -> float:
     "TAR@FAR over all pairs of a labelled test set: unordered i<j within one model (`same_model`), ordered i≠j across"
-    q, g = l2_normalize(q), l2_normalize(g)
+    q, g = prepare_pair(q, g)
     lab, n = np.asarray(labels), len(labels)
     mask = np.triu(np.ones((n, n), bool), 1) if same_model else ~np.eye(n, dtype=bool)
     return tar_at_far((q @ g.T)[mask], (lab[:, None] == lab[None, :])[mask].astype(np.int8), [far])[far]
