@@ -105,7 +105,7 @@ class _BridgeMethod(Independent):
     post_epochs = {"smoke": 1, "quick": 1, "cpu": 1, "paper": 1}     # closed-form fits: the epochs are not used
 
     @classmethod
-    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0) -> nn.Module:
+    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0, **_) -> nn.Module:
         return fit_bridge(cls.bridge, np.asarray(old_feats), np.asarray(new_feats)).module()
 
     @classmethod

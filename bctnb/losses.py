@@ -129,6 +129,7 @@ class Method(nn.Module):
     equal_dims: ClassVar[bool] = True
     defaults: ClassVar[dict] = {}
     trains_as: ClassVar[str | None] = None        # the method whose training run this one shares (None: its own)
+    post_hparams: ClassVar[tuple] = ()            # hyper-parameters only its post stage reads (not the training run's)
     post_epochs: ClassVar[dict] = {}              # post-training stage: default epochs per scale / preset
     ablation: ClassVar[bool] = False              # an ablation of another method: studies run it only when asked
     # "did the mechanism act": (statistic of `mechanism()`, ">" or "<", threshold, what passing means); None: no rule
@@ -239,9 +240,11 @@ class Method(nn.Module):
         return int(cls.post_epochs[scale])
 
     @classmethod
-    def fit_gallery_transform(cls, old_feats: Tensor, new_feats: Tensor, epochs: int, seed: int = 0) -> nn.Module:
+    def fit_gallery_transform(cls, old_feats: Tensor, new_feats: Tensor, epochs: int, seed: int = 0, *,
+                              labels: Tensor | None = None, new_head: nn.Module | None = None, **hp) -> nn.Module:
         """The post stage: fit h with h(φ_o(x)) ≈ φ_n(x) on features of the new training set (row i of both: the same
-        image); the old gallery is then upgraded to h(φ_o(g)). Returns h in eval mode"""
+        image); the old gallery is then upgraded to h(φ_o(g)). Returns h in eval mode. Also given: `labels` (the new
+        head's row of each image), the trained `new_head` (frozen), and the method's `post_hparams` values (`hp`)"""
         raise NotImplementedError(f"method '{cls.name}' has no post-training stage")
 
     @classmethod
@@ -320,6 +323,7 @@ METHOD_MODULES = {   # method name -> the later module that registers it (import
     **dict.fromkeys(("lce", "unibct", "nccl", "advbct", "mixbct", "ract", "contra", "bct_ract", "fct"),
                     "bctnb.methods"),
     **dict.fromkeys(("bridge_lstsq", "bridge_ridge", "bridge_procrustes"), "bctnb.bridges"),
+    "bict": "bctnb.bict",
 }
 
 METHODS = LazyRegistry("method", METHOD_MODULES)

@@ -522,12 +522,14 @@ def _set_bn_eval(m: nn.Module):
 
 def train_fct(old: Tensor, new: Tensor, side: Tensor | None = None, epochs: int = 80, batch_size: int = 1024,
               lr: float = 5e-4, wd: float = 3.05e-5, warmup: int = 5, inner: int = 2048, seed: int = 0, device="cpu",
-              log=None) -> FCTTransform:
-    "Fit h(old[, side]) ≈ new (MSE) on paired features of the new training set; returns h in eval mode"
+              log=None, loss=None) -> FCTTransform:
+    """Fit h(old[, side]) ≈ new (MSE) on paired features of the new training set; returns h in eval mode.
+    `loss(pred, rows)`: another objective on the batch `rows` (default: MSE to `new[rows]`)"""
     old, new = torch.as_tensor(old).float(), torch.as_tensor(new).float()
     check(len(old) == len(new) and (side is None or len(side) == len(old)),
           "train_fct: old, new (and side) must hold the same images, row for row")
     check(isinstance(epochs, int) and epochs >= 1, f"epochs={epochs!r} must be a positive integer")
+    loss_fn = loss
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     h = FCTTransform(old.shape[1], new.shape[1], None if side is None else side.shape[1], inner).to(device)
     opt = torch.optim.Adam(h.parameters(), lr=lr, weight_decay=wd)
@@ -543,7 +545,7 @@ def train_fct(old: Tensor, new: Tensor, side: Tensor | None = None, epochs: int 
             i = perm[s * bs:(s + 1) * bs]
             if len(i) < 2: continue
             pred = h(old[i].to(device), None if side is None else side[i].to(device))
-            loss = F.mse_loss(pred, new[i].to(device))
+            loss = F.mse_loss(pred, new[i].to(device)) if loss_fn is None else loss_fn(pred, i)
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         if log is not None: log(epoch=e, loss=float(loss))
     return h.eval()
@@ -571,7 +573,7 @@ class FCT(Independent):
     post_epochs = {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}
 
     @classmethod
-    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0) -> FCTTransform:
+    def fit_gallery_transform(cls, old_feats, new_feats, epochs: int, seed: int = 0, **_) -> FCTTransform:
         return train_fct(old_feats, new_feats, epochs=epochs, seed=seed)
 
     @classmethod

@@ -426,17 +426,26 @@ def evaluate_protocol(protocol, old_model, new_models, data_root=None, *, indepe
                           cm, {**data.info, "primary": data.primary})
 
 # %% ../nbs/07b_protocols.ipynb #7c2e4a02
-def fit_post_stage(method: str, old_model, new_model, config, epochs: int, seed: int = 0, path=None, cache_dir=None):
+def fit_post_stage(method: str, old_model, new_model, config, epochs: int, seed: int = 0, path=None, cache_dir=None,
+                   method_kw: dict | None = None):
     """The post-training stage of `method` on a trained (old, new) pair: features (`features_for`) of the new
-    training set of `config`'s split, `fit_gallery_transform(old, new, epochs, seed)`, saved at `path` (loaded instead
-    when it exists)"""
+    training set of `config`'s split, `fit_gallery_transform(old, new, epochs, seed, labels=, new_head=, **hp)` (`hp`:
+    the method's `post_hparams` in `method_kw`), saved at `path` (loaded instead when it exists)"""
     from bctnb.losses import METHODS
+    from bctnb.models import load_model
     cls = METHODS.get(method)
     check(cls.has_post_stage(), f"method '{method}' has no post-training stage (no gallery transformation to fit)")
     if path is not None and Path(path).exists(): return cls.load_gallery_transform(path)
-    X, _ = split_images(config, "new")
+    X, y = split_images(config, "new")
     old = torch.as_tensor(features_for(old_model, X, cache_dir=cache_dir))
     new = torch.as_tensor(features_for(new_model, X, cache_dir=cache_dir))
-    h = cls.fit_gallery_transform(old, new, epochs=epochs, seed=seed)
+    if isinstance(new_model, Run): new_model = new_model.path
+    head, info = None, {}                       # a bare module brings no head; a model or run folder does
+    if isinstance(new_model, tuple) and len(new_model) == 3: _, head, info = new_model
+    elif isinstance(new_model, (str, Path)): _, head, info = load_model(new_model)
+    lm = info.get("label_map")
+    labels = None if lm is None else torch.as_tensor(np.searchsorted(np.asarray(lm), y), dtype=torch.int64)
+    hp = {k: v for k, v in (method_kw or {}).items() if k in cls.post_hparams}
+    h = cls.fit_gallery_transform(old, new, epochs=epochs, seed=seed, labels=labels, new_head=head, **hp)
     if path is not None: cls.save_gallery_transform(path, h)
     return h

@@ -129,9 +129,12 @@ def plan_study(scale: str, scenarios: Sequence[str], methods: Sequence[str], see
                 for m in methods:
                     name, kw = parse_method(m); cls = METHODS.get(name)
                     post = cls.post_stage_epochs(scale) if cls.has_post_stage() else None
-                    # a method with `trains_as` reuses that method's run (same training config); a post stage fits h
+                    # a method with `trains_as` reuses that method's run (same training config, without the
+                    # hyper-parameters only its post stage reads); a post stage fits h
+                    tkw = {k: v for k, v in {**method_kw.get(name, {}), **kw}.items()
+                           if not (cls.trains_as and k in cls.post_hparams)}
                     nv = {**info["new"], **extra, "dataset": dataset, "scenario": sc, "seed": seed, "split_seed": seed,
-                          "dim": nd, "method": cls.trains_as or name, "method_kw": {**method_kw.get(name, {}), **kw}}
+                          "dim": nd, "method": cls.trains_as or name, "method_kw": tkw}
                     jobs.append(Job(f"{m}/{sc}/{v}/s{seed}", nv, "new", info["preset"], old=olds[key],
                                     tags={"method": m, "scenario": sc, "seed": seed, "old_variant": v},
                                     refresh=m in refresh_methods, post_epochs=post))
@@ -181,11 +184,14 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     data = PROTOCOLS["cpu_tier"](config=cfg, part=part)
     name = parse_method(method)[0] if method else cfg.method
     cls, tfs = METHODS.get(name), {}
+    kw = {**cfg.method_kw, **(parse_method(method)[1] if method else {})}
     if cls.has_post_stage():
         epochs, seed = post_epochs or cls.post_stage_epochs(cfg.preset), cfg.seed
         sha = load_json(Path(old_run)/"model"/"model.json", "model description")["files"]["backbone.safetensors"]
-        h = fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed,
-                           path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}.safetensors")
+        hp = {k: kw[k] for k in cls.post_hparams if k in kw}          # the post stage's own settings name its file
+        tag = f"-{config_hash(hp, 8)}" if hp else ""
+        h = fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed, method_kw=hp,
+                           path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}{tag}.safetensors")
         tfs["new"] = gallery_fn(h)
     ev = evaluate_protocol(data, Path(old_run)/"model", {"new": Path(new_run)/"model"}, gallery_transforms=tfs,
                            refresh=refresh, refresh_steps=refresh_steps, refresh_seeds=refresh_seeds, compat=False)
@@ -195,8 +201,7 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
            "gallery": "h(old)" if tfs else "old", "n_test": ev.info["n_images"], "n_test_classes": ev.info["n_classes"],
            **({"part": part} if part != "test" else {})}
     if mechanism:
-        out["mechanism"] = mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name,
-                                           {**cfg.method_kw, **(parse_method(method)[1] if method else {})})
+        out["mechanism"] = mechanism_stats(Path(old_run)/"model", Path(new_run)/"model", cfg, name, kw)
     if refresh:
         rr = ev.refresh["new"]
         out["refresh"] = {"curves": rr.curves.to_dict(orient="list"), "summary": rr.summary.to_dict(orient="records")}

@@ -22,8 +22,8 @@ from shared import methods
 ALL = methods()                           # every registered method: a new one is tested without editing this file
 # The one place that pins the registry's contents: a method dropping out of the registry would otherwise silently drop
 # out of every registry-driven parametrisation. Registering a new method means adding it here.
-REGISTERED = ["advbct", "bct", "bct_norm", "bct_ract", "bridge_lstsq", "bridge_procrustes", "bridge_ridge", "contra", "fct",
-              "independent", "l2", "lce", "mixbct", "nccl", "ract", "unibct", "weakened_l2"]
+REGISTERED = ["advbct", "bct", "bct_norm", "bct_ract", "bict", "bridge_lstsq", "bridge_procrustes", "bridge_ridge",
+              "contra", "fct", "independent", "l2", "lce", "mixbct", "nccl", "ract", "unibct", "weakened_l2"]
 
 
 # ----------------------------------------------------------------------------------------------------------- fixtures

@@ -30,7 +30,7 @@ def _pair(n=256, d_old=6, d_new=10, seed=0):
 # ------------------------------------------------------------------------------------------------ the hook itself
 def test_only_post_stage_methods_have_one_and_fct_keeps_its_defaults():
     with_post = [n for n in available_methods() if METHODS.get(n).has_post_stage()]
-    assert with_post == ["bridge_lstsq", "bridge_procrustes", "bridge_ridge", "fct"]
+    assert with_post == ["bict", "bridge_lstsq", "bridge_procrustes", "bridge_ridge", "fct"]
     fct = METHODS.get("fct")
     assert fct.trains_as == "independent" and fct.needs_old and not fct.equal_dims
     assert {s: fct.post_stage_epochs(s) for s in ("smoke", "quick", "cpu", "paper")} == {"smoke": 2, "quick": 40, "cpu": 80, "paper": 80}
@@ -71,7 +71,7 @@ class ToyPost(Independent):
     post_epochs = {"smoke": 1, "quick": 1, "cpu": 1, "paper": 1}
 
     @classmethod
-    def fit_gallery_transform(cls, old_feats, new_feats, epochs, seed=0):
+    def fit_gallery_transform(cls, old_feats, new_feats, epochs, seed=0, **_):
         W = torch.linalg.lstsq(torch.as_tensor(old_feats).float(), torch.as_tensor(new_feats).float()).solution
         h = nn.Linear(W.shape[0], W.shape[1], bias=False); h.weight.data = W.T.contiguous()
         return h.eval()
@@ -133,6 +133,21 @@ def test_evaluate_pair_runs_the_method_post_stage_and_caches_it(tmp_path, monkey
     mtime = cache.stat().st_mtime_ns
     again = evaluate_pair(old.path, new.path, cfg, method="fct", post_epochs=1)
     assert again == got and cache.stat().st_mtime_ns == mtime               # reloaded, not refitted
+
+
+def test_post_stage_settings_come_from_the_spec_and_name_the_cached_file(tmp_path, monkeypatch):
+    """BiCT trains as BCT (one backbone); its ψ objective is a post-stage setting read from the method spec: each
+    objective gets its own cached ψ file, and the CE objective, which needs the new head, says so when there is none"""
+    from bctnb.study import evaluate_pair
+    from bctnb.train import TrainConfig
+    monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "data"))
+    old, (new,) = fake_runs(tmp_path / "runs", methods=("bct",))
+    cfg = TrainConfig.from_dict({**new.config, "old_run": str(old.path)})
+    got = evaluate_pair(old.path, new.path, cfg, method="bict:psi=regress", post_epochs=1, mechanism=False)
+    (f,) = new.path.glob("bict-*.safetensors")
+    assert got["gallery"] == "h(old)" and f.stem.endswith(tuple("0123456789abcdef")) and f.stem.count("-") == 4
+    with pytest.raises(ConfigError, match="needs the new model's head"):       # fake new models have no head
+        evaluate_pair(old.path, new.path, cfg, method="bict", post_epochs=1, mechanism=False)
 
 
 # ---------------------------------------------------------------------- the pipelines never test for a method name
