@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['calibration_split', 'check_calibration', 'BridgedTable', 'bridge_options', 'decision_table']
+__all__ = ['calibration_split', 'check_calibration', 'BridgedTable', 'bridge_options', 'decision_table', 'decision_summary']
 
 # %% ../nbs/07d_bridge_eval.ipynb #88dade18
 import numpy as np
@@ -87,3 +87,17 @@ def decision_table(ev, name: str, rows: list[dict]) -> pd.DataFrame:
         out.append({**{k: r[k] for k in ("option", "side", "rewrites", "params", "flops/item")},
                     f"cross {m}": x, "gain": x - base, "refresh AUC": auc, "mean NFR": nfr})
     return pd.DataFrame(out).set_index("option")
+
+# %% ../nbs/07d_bridge_eval.ipynb #f26366e3
+def decision_summary(tables: dict) -> pd.DataFrame:
+    """Mean ± std over seeds of decision tables (`{seed: decision_table(...)}`), one row per option in the first
+    table's order: the per-seed values, their mean, std and count"""
+    check(len(tables) > 0, "decision_summary: no decision tables (one per seed)")
+    df = pd.concat({s: t for s, t in tables.items()}, names=["seed", "option"]).reset_index()
+    metrics = [c for c in df.columns if c.startswith("cross ") or c in ("gain", "refresh AUC", "mean NFR")]
+    g = df.groupby("option", sort=False)
+    out = g[["side", "rewrites", "params", "flops/item"]].first()
+    for m in metrics:
+        out[f"{m} mean"], out[f"{m} std"] = g[m].mean(), g[m].std(ddof=1)
+    out["seeds"] = g.size()
+    return out

@@ -44,9 +44,13 @@ def as_features(x, name: str = "features") -> np.ndarray:
     return x
 
 def l2_normalize(x) -> np.ndarray:
-    "Rows divided by max(‖row‖₂, 1e-12), fp32"
+    "Rows divided by max(‖row‖₂, 1e-12), fp32; in blocks of rows (one output array, no full-size temporaries)"
     x = np.asarray(x, dtype=np.float32)
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))).astype(np.float32, copy=False)
+    unit = lambda b: b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), np.float32(1e-12))
+    if x.ndim < 2: return unit(x).astype(np.float32, copy=False)
+    out = np.empty(x.shape, np.float32)
+    for a in range(0, len(x), 1 << 15): out[a:a + (1 << 15)] = unit(x[a:a + (1 << 15)])
+    return out
 
 class UnitRows:
     """Features already checked and L2-normalised (`UnitRows.of(x)` = `l2_normalize(as_features(x))`): `prepare_pair`

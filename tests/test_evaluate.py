@@ -800,3 +800,18 @@ def test_evaluate_notebook_on_feature_files_with_bridges(tmp_path):
     assert res["new"]["new+procrustes (gallery)"]["transformed"]
     assert not res["new"]["new+procrustes (query)"]["transformed"]
     assert (ed / "bridges.csv").exists() and "bridges.csv" in json.loads((ed / "artefacts.json").read_text())
+    # your own calibration set (`-p calib_ids <file>`): never scored; an overlap with the evaluated ids is refused
+    (tmp_path / "calib.txt").write_text("\n".join(ids[y < 4]))
+    run = lambda **kw: pm.execute_notebook(
+        str(root / "nbs" / "evaluate.ipynb"), str(tmp_path / "out2.ipynb"), kernel_name="python3", cwd=str(root / "nbs"),
+        progress_bar=False, execution_timeout=600,
+        parameters=dict(protocol="features", old_features=str(tmp_path / "old.npz"), new_features=str(tmp_path / "new.npy"),
+                        bridges='["procrustes"]', calib_ids=str(tmp_path / "calib.txt"), refresh_steps=2,
+                        refresh_seeds=[0], out_dir=str(tmp_path / "e2"), **kw))
+    run()
+    (ed2,) = (tmp_path / "e2").iterdir()
+    res2 = json.loads((ed2 / "evaluation.json").read_text())
+    assert (res2["n_test"], res2["bridges"]["n_calibration"]) == (80, 40) and "calib.txt" in res2["bridges"]["calibration"]
+    assert {r["option"]: r for r in res2["bridges"]["tables"]["new"]}["new+procrustes (gallery)"]["gain"] > 0.3
+    with pytest.raises(pm.PapermillExecutionError, match="calibration id.*also evaluated"):
+        run(protocol_kw={"ids": ids.tolist()})

@@ -227,3 +227,20 @@ def test_selection_never_reads_the_test_split(tmp_path, runs, monkeypatch):
     with pytest.raises(AssertionError, match="the test split was read"):
         evaluate_pair(Path(runs) / r["old_run"], Path(runs) / r["new_run"], TrainConfig.from_dict(r["config"]),
                       mechanism=False)
+
+
+@pytest.mark.slow
+def test_bridges_notebook_reproduces_the_source_study(tmp_path, runs):
+    """reproduce_bridges.ipynb: a study's (old, independent) pair exported to feature files and bridged through
+    evaluate.ipynb; the plain new model's cross-test from the files equals the study's own number"""
+    from bctnb.study import plan_study, run_study
+    jobs = plan_study("smoke", ["open-class"], ["independent", "l2"], dataset="synthetic",
+                      dataset_kw={"num_classes": 40, "per_class": 6})
+    run_study("src", jobs, tmp_path / "reports" / "src", runs, workers=2)
+    out_dir = tmp_path / "reports" / "bridges_src"
+    _papermill("reproduce_bridges.ipynb", tmp_path / "out.ipynb", source="src", seeds=[0], bridges=["procrustes"],
+               refresh_steps=2, reports=str(tmp_path / "reports"), out_dir=str(out_dir), run_root=str(runs))
+    readme = (out_dir / "README.md").read_text()
+    assert "| 0 |" in readme and "| True |" in readme and "| False |" not in readme, readme
+    assert "new+procrustes (gallery)" in readme and "new+procrustes (query)" in readme and "| l2 |" in readme
+    assert (out_dir / "decision_summary.csv").exists() and (out_dir / "s0" / "evaluate.ipynb").exists()
