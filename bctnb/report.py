@@ -205,7 +205,8 @@ def provenance(study_dir) -> list[str]:
     rows = []
     for f in sorted((Path(study_dir)/"runs").glob("*.json")):
         r = load_json(f, "study result"); e = r.get("env", {})
-        rows.append({"commit": (e.get("git_commit") or "unknown")[:10], "torch": e.get("torch"),
+        rows.append({"commit": (e.get("git_commit") or "unknown")[:10] + (" + edits" if e.get("git_dirty") else ""),
+                     "torch": e.get("torch"),
                      "cpu": e.get("cpu_model") or "CPU not recorded", "reused": r.get("reused_from"),
                      "where": f"{r.get('scenario')}/s{r.get('seed')}"})
     if not rows: return []

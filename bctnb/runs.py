@@ -34,10 +34,14 @@ def environment() -> dict:
         env["bctnb"] = version("bctnb")
     except Exception: env["bctnb"] = None
     try:
-        root = project_root()
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                           timeout=5).stdout.strip() or None
-    except Exception: env["git_commit"] = None
+        import bctnb
+        root = project_root(Path(bctnb.__file__).parent)      # the checkout whose package is running, not the cwd's
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        env["git_commit"] = git("rev-parse", "HEAD") or None
+        # package code edited since that commit: a result made from an edited checkout says so
+        env["git_dirty"] = (bool(git("status", "--porcelain", "--untracked-files=no", "--", "bctnb"))
+                            if env["git_commit"] else None)
+    except Exception: env["git_commit"] = env["git_dirty"] = None
     return env
 
 def run_hash(config) -> str:
