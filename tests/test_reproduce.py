@@ -244,3 +244,20 @@ def test_bridges_notebook_reproduces_the_source_study(tmp_path, runs):
     assert "| 0 |" in readme and "| True |" in readme and "| False |" not in readme, readme
     assert "new+procrustes (gallery)" in readme and "new+procrustes (query)" in readme and "| l2 |" in readme
     assert (out_dir / "decision_summary.csv").exists() and (out_dir / "s0" / "evaluate.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_bict_notebook_smoke(tmp_path, runs):
+    "reproduce_bict.ipynb: BCT at each λ (one backbone per λ, shared by its ψ rows), both ψ objectives, FCT beside"
+    from bctnb.study import load_results
+    out_dir = tmp_path / "bict"
+    _papermill("reproduce_bict.ipynb", tmp_path / "out.ipynb", scale="smoke", dataset="synthetic",
+               dataset_kw={"num_classes": 40, "per_class": 6}, lams=[0, 1], out_dir=str(out_dir), run_root=str(runs))
+    df = load_results(out_dir)
+    assert len(df) == 2 + 2 + 4                                    # independent, fct, 2 bct, 2 λ × 2 ψ
+    res = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in (out_dir / "runs").glob("*.json")}
+    assert res["bict:lam=1,psi=ce"]["new_run"] == res["bict:lam=1,psi=regress"]["new_run"] == res["bct:lam=1"]["new_run"]
+    assert res["bict:lam=1,psi=ce"]["metrics"]["gallery"] == "h(old)" and res["bct:lam=1"]["metrics"]["gallery"] == "old"
+    readme = (out_dir / "README.md").read_text()
+    assert "forward, ψ ce (new → ψ(old))" in readme and "| FCT (independent + regression ψ) |" in readme
+    assert (out_dir / "bict.png").exists()
