@@ -274,6 +274,44 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(rows["loss"].values, Run(ref).metrics().dropna(subset=["loss"])["loss"].values)
 
 
+def _two_nodes(run_path, logs, env=None, timeout=240):
+    """Launch a 2-node × 1-process torchrun job on this machine — two torchrun agents meeting at a c10d rendezvous on
+    127.0.0.1, as on two machines sharing the run folder — and return both exit codes"""
+    import socket, subprocess
+    from bctnb.launch import torchrun_command
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=bctnb-{port}"]
+    penv = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    procs = []
+    for node in range(2):
+        with open(logs / f"node{node}-{port}.log", "w") as out:
+            procs.append(subprocess.Popen(torchrun_command("bctnb.train", [str(run_path)], nproc=1, nnodes=2,
+                                                           extra_args=rdzv), env=penv, stdout=out,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    try: return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None: p.kill(); p.wait()
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_and_resume_after_a_node_dies(tmp_path):
+    """Multi-node: 2 nodes × 1 process (c10d rendezvous, gloo) train exactly what 2 processes on one node train. When
+    the worker of one node is killed mid-run (after the step-4 checkpoint), both nodes stop; relaunching both resumes
+    from the checkpoint to the same losses and bit-identical weights as the uninterrupted single-node run."""
+    kw = dict(epochs=2, batch_size=16, ckpt_every=4, max_steps=None)
+    ref = torchrun("bctnb.train", smoke(nproc=2, **kw), run_root=tmp_path / "ref", echo=False)
+    cfg = smoke(nproc=1, nnodes=2, **kw)
+    run = Run.create(cfg.run_name, cfg, tmp_path / "nodes")
+    codes = _two_nodes(run.path, tmp_path, env={"BCTNB_FAULT_AT_STEP": "6:1"})     # global rank 1 dies after step 6
+    assert codes != [0, 0] and not Run(run.path).done and list((run.path / "ckpt").iterdir())
+    assert _two_nodes(run.path, tmp_path) == [0, 0] and Run(run.path).done
+    assert load_json(run.path / "summary.json") == load_json(ref / "summary.json")
+    np.testing.assert_array_equal(Run(run.path).metrics().dropna(subset=["loss"])["loss"].values,
+                                  Run(ref).metrics().dropna(subset=["loss"])["loss"].values)
+
+
 @pytest.mark.slow
 def test_killed_worker_without_restarts_fails_clearly(tmp_path):
     cfg = smoke(nproc=2, max_steps=4, batch_size=16, ckpt_every=2)
