@@ -57,6 +57,7 @@ class Run:
         if not (self.path/"config.json").exists():
             raise NotFoundError(f"not a bctnb run directory: {self.path} (no config.json). Pass the folder a training "
                                 "notebook printed, e.g. runs/train_old-1a2b3c4d5e6f, or create one with Run.create().")
+        self._tb = None                     # TensorBoard writer, opened by the first `log`
 
     @classmethod
     def create(cls, name: str, config, root=None, exist_ok: bool = True) -> "Run":
@@ -100,10 +101,27 @@ class Run:
         save_json(self.path/"status.json", st)
 
     def log(self, **metrics):
-        "Append one row of metrics (e.g. `step=10, epoch=0, loss=2.3`) to metrics.jsonl"
+        """Append one row of metrics (e.g. `step=10, epoch=0, loss=2.3`) to metrics.jsonl; with the optional
+        `tensorboard` package installed, its numbers also go to TensorBoard event files in `tensorboard/` (watch a long
+        run live: `tensorboard --logdir runs`; `BCTNB_TENSORBOARD=0` turns this off)"""
         row = json.loads(canonical_json(metrics))
         with open(self.path/"metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n"); f.flush()
+        self._tensorboard(row)
+
+    def _tensorboard(self, row: dict):
+        ("Numbers of a logged row as TensorBoard scalars at its `step`; the writer opens at the first step this "
+         "process logs and purges later steps of an earlier, interrupted attempt (a resumed run shows each step once)")
+        if "step" not in row or os.environ.get("BCTNB_TENSORBOARD", "1") == "0" or self._tb is False: return
+        step = int(row["step"])
+        if self._tb is None:
+            try: from torch.utils.tensorboard import SummaryWriter
+            except ImportError: self._tb = False; return        # the optional dependency is not installed
+            self._tb = SummaryWriter(str(self.path/"tensorboard"), purge_step=step)
+        for k, v in row.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
 
     def metrics(self) -> pd.DataFrame:
         "All logged rows as a DataFrame (a truncated last line, from a killed process, is skipped)"

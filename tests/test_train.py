@@ -192,6 +192,16 @@ def test_interrupted_in_process_run_resumes_to_identical_model(tmp_path):
     assert a == b and a["steps"] == 14                                         # same losses, bit-identical weights
     steps = Run(run).metrics().dropna(subset=["loss"])["step"].tolist()
     assert steps == list(range(1, 15))                                         # no duplicate rows after resume
+    # TensorBoard event files beside metrics.jsonl (two writers: the interrupted attempt and the resumed one); the
+    # resumed writer purged the first attempt's steps 4-5, so TensorBoard shows each step once, with the reference's loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    def tb(r):
+        ea = EventAccumulator(str(r / "tensorboard")); ea.Reload()
+        return [(e.step, e.value) for e in ea.Scalars("loss")]
+    assert len(list((run / "tensorboard").iterdir())) == 2
+    assert tb(run) == tb(ref) and [s for s, _ in tb(run)] == list(range(1, 15))
+    loss = Run(ref).metrics().dropna(subset=["loss"])["loss"].tolist()
+    assert [v for _, v in tb(ref)] == [np.float32(x) for x in loss]           # the logged values (fp32 in TensorBoard)
 
 
 def test_method_state_survives_resume(tmp_path):
