@@ -187,22 +187,35 @@ _TUNE = dict(scale="smoke", dataset="synthetic", dataset_kw={"num_classes": 40, 
 
 
 @pytest.mark.slow
-def test_tune_notebook_smoke(tmp_path, runs):
-    "tune.ipynb trains the grid (independent + 4 L2 points) without the validation classes and selects on them"
+def test_tune_then_fair_notebooks_smoke(tmp_path, runs):
+    """tune.ipynb trains the grid without the validation classes and selects on them; reproduce_fair.ipynb then puts
+    the reference and the validated L2 side by side on the test classes (the tuning's models reused) with the paired
+    difference in the report"""
     from bctnb.study import load_results
-    out_dir = tmp_path / "tune"
-    _papermill("tune.ipynb", tmp_path / "out.ipynb", out_dir=str(out_dir), run_root=str(runs), **_TUNE)
-    df = load_results(out_dir)
-    assert sorted(df.method) == sorted(["independent", "l2", "l2:lam=1.0", "l2:lam=3.0", "l2:lam=30.0"])
-    assert set(df.part) == {"val"}
-    res = [json.loads(f.read_text()) for f in (out_dir / "runs").glob("*.json")]
+    reports = tmp_path / "reports"
+    _papermill("tune.ipynb", tmp_path / "t.ipynb", out_dir=str(reports / "tune_s"), run_root=str(runs), **_TUNE)
+    # the tuning: the grid (independent + 4 L2 points) trained without the validation classes and scored on them
+    tuned = load_results(reports / "tune_s")
+    assert sorted(tuned.method) == sorted(["independent", "l2", "l2:lam=1.0", "l2:lam=3.0", "l2:lam=30.0"])
+    assert set(tuned.part) == {"val"}
+    tres = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in (reports / "tune_s" / "runs").glob("*.json")}
     # 40 classes: 8 test, 4 validation (val_ratio 0.1), and the metrics come from the 4 validation classes
-    assert {(r["config"]["val_ratio"], r["metrics"]["n_test_classes"], r["metrics"]["part"]) for r in res} == {(0.1, 4, "val")}
-    sel = (out_dir / "selection.csv").read_text()
-    assert sel.startswith("scenario,method") and "\nopen-class,l2," in sel
-    readme = (out_dir / "README.md").read_text()
-    assert "## open-class: every grid point (validation classes)" in readme and "## open-class: selection" in readme
-    assert "4 classes / 24 images" in readme and "## Environment and cost" in readme
+    assert {(r["config"]["val_ratio"], r["metrics"]["n_test_classes"], r["metrics"]["part"]) for r in tres.values()} == {(0.1, 4, "val")}
+    tr = (reports / "tune_s" / "README.md").read_text()
+    assert "## open-class: every grid point (validation classes)" in tr and "## open-class: selection" in tr
+    assert "4 classes / 24 images" in tr and "## Environment and cost" in tr
+    import pandas as pd
+    chosen = pd.read_csv(reports / "tune_s" / "selection.csv").set_index("method").loc["l2", "chosen"]
+    _papermill("reproduce_fair.ipynb", tmp_path / "f.ipynb", scale="smoke", dataset="synthetic",
+               dataset_kw=_TUNE["dataset_kw"], tuning="tune_s", reports=str(reports), scenarios=["open-class"],
+               seeds=[0], methods=["l2"], out_dir=str(reports / "fair_s"), run_root=str(runs))
+    df = load_results(reports / "fair_s")
+    assert set(df.part) == {"test"} and set(df.method) == {"independent", "fct", "l2", chosen}
+    assert set(df.loc[df.method == "l2", "job"]) != set(tuned.loc[tuned.method == "l2", "job"])   # another result …
+    res = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in (reports / "fair_s" / "runs").glob("*.json")}
+    assert res["l2"]["new_run"] == tres["l2"]["new_run"]                                          # … of the same model
+    readme = (reports / "fair_s" / "README.md").read_text()
+    assert "## Validated − reference (test classes, paired by seed)" in readme and "## Verdicts" in readme
 
 
 @pytest.mark.slow
