@@ -225,6 +225,7 @@ class Split:
     singleton_classes: int = 0
     val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # validation classes' images
     val_ratio: float = 0.0
+    new_ratio: float = 1.0            # class scenarios: the new model's share of the training classes (upgrade chains)
 
     @property
     def parts(self) -> tuple:
@@ -307,13 +308,17 @@ def _data_split(pos: np.ndarray, label: int, r: float, rule: str, within: str, s
 
 def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, test_ratio: float = 0.2, keys=None,
                order: str = "seeded", rule: str = "mx", within: str = "seeded", singletons: str = "both",
-               val_ratio: float = 0.0) -> Split:
+               val_ratio: float = 0.0, new_ratio: float = 1.0) -> Split:
     ("Carve a class-disjoint test set (and `val_ratio` of the classes for validation), then split the rest for the old "
      "and new models per `scenario`")
     check_choice("scenario", scenario, SCENARIOS)
     check_range("old_ratio", old_ratio, 0, 1, lo_open=True, hi_open=True)
     check_range("test_ratio", test_ratio, 0, 1, hi_open=True)
     check_range("val_ratio", val_ratio, 0, 1, hi_open=True)
+    check_range("new_ratio", new_ratio, 0, 1, lo_open=True)
+    check(new_ratio == 1 or scenario.endswith("-class"), f"new_ratio={new_ratio} gives the new model a share of the "
+          f"classes; it applies to the class scenarios, not {scenario} (which splits images). Use open-class or "
+          "extended-class, or new_ratio=1")
     check(test_ratio + val_ratio < 1, f"test_ratio={test_ratio} + val_ratio={val_ratio} leave no training classes; "
           "lower one of them")
     check_choice("order", order, ["seeded", "id", "oc"]); check_choice("rule", rule, ["mx", "oc"])
@@ -349,7 +354,13 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
                           "at least 1 old and 1 new class. Use a dataset with more classes (≥ "
                           f"{math.ceil(1 / min(old_ratio, 1 - old_ratio)) + 1} after the test carve-out), or change "
                           "old_ratio/test_ratio.")
-    old_cls = np.sort(_class_order(rest, order, int(seed))[:n_old])
+    cls_order = _class_order(rest, order, int(seed))
+    old_cls = np.sort(cls_order[:n_old])
+    n_new = _floor_frac(new_ratio, len(rest)) if new_ratio < 1 else len(rest)
+    if n_new <= n_old:
+        raise ConfigError(f"new_ratio={new_ratio} gives the new model {n_new} of the {len(rest)} training classes, not "
+                          f"more than the old model's {n_old} (old_ratio={old_ratio}); raise new_ratio")
+    is_later = np.isin(labels, cls_order[n_new:])          # classes left for a later model of an upgrade chain
     is_test, is_old_cls, is_val = np.isin(labels, test_cls), np.isin(labels, old_cls), np.isin(labels, val_cls)
     train_pos = np.flatnonzero(~is_test & ~is_val)
     # 3. data split (only for the -data scenarios, but the singleton count is recorded for all)
@@ -373,9 +384,10 @@ def make_split(labels, scenario: str, old_ratio: float = 0.3, seed: int = 0, tes
     elif scenario == "extended-class": old, new = np.flatnonzero(is_old_cls), train_pos
     elif scenario == "open-data": old, new = data_old, data_new
     else: old, new = data_old, train_pos
+    new = new[~is_later[new]]
     sp = Split(scenario, int(seed), float(old_ratio), float(test_ratio), np.flatnonzero(is_test).astype(np.int64),
                old.astype(np.int64), new.astype(np.int64), labels, keys, order, rule, within, singletons, len(singles),
-               np.flatnonzero(is_val).astype(np.int64), float(val_ratio))
+               np.flatnonzero(is_val).astype(np.int64), float(val_ratio), float(new_ratio))
     sp.check_invariants()
     return sp
 
@@ -399,6 +411,7 @@ def _save_split(self: Split, dir, name: str) -> Path:
         files[w] = {"file": fn, "sha256": sha256_bytes(text.encode("utf-8"))}
     man = {"format": "bctnb-split/1", "name": name, "scenario": self.scenario, "seed": self.seed,
            "old_ratio": self.old_ratio, **({"val_ratio": self.val_ratio} if self.val_ratio > 0 else {}),
+           **({"new_ratio": self.new_ratio} if self.new_ratio < 1 else {}),
            "test_ratio": self.test_ratio, "order": self.order, "rule": self.rule, "within": self.within,
            "singletons": self.singletons,
            "input": {"images": len(self.labels), "classes": int(len(np.unique(self.labels))),
@@ -450,7 +463,7 @@ def _load_split(cls, dir, name: str | None = None, keys=None) -> Split:
     return cls(man["scenario"], man["seed"], man["old_ratio"], man["test_ratio"], parts["test"], parts["old"],
                parts["new"], labels, keys,
                man["order"], man["rule"], man["within"], man["singletons"], man["singleton_classes"],
-               parts.get("val", np.zeros(0, np.int64)), man.get("val_ratio", 0.0))
+               parts.get("val", np.zeros(0, np.int64)), man.get("val_ratio", 0.0), man.get("new_ratio", 1.0))
 
 Split.save = _save_split
 Split.load = classmethod(_load_split)
@@ -539,7 +552,7 @@ def config_split(config, ds: ImageDataset | None = None) -> Split:
         root, kw = dataset_args(c["dataset"], c.get("data_root"), c.get("dataset_kw"))
         ds = load_dataset(c["dataset"], root=root, **kw)
     return make_split(ds.labels, c["scenario"], c["old_ratio"], c["split_seed"], c["test_ratio"], keys=ds.keys,
-                      val_ratio=c.get("val_ratio") or 0.0)
+                      val_ratio=c.get("val_ratio") or 0.0, new_ratio=c.get("new_ratio") or 1.0)
 
 
 # %% ../nbs/01_data.ipynb #79d59035

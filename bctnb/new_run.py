@@ -31,9 +31,9 @@ def _old_run(old_run):
                             "papermill nbs/train_old.ipynb out.ipynb -p preset smoke")
     run = Run(p)
     cfg = run.config
-    if cfg.get("role") != "old":
-        raise ConfigError(f"{p} is a '{cfg.get('role')}' run, not an old-model run; pass a run made by "
-                          "train_old.ipynb (role 'old')")
+    if cfg.get("role") not in ("old", "new"):      # a new run is the current model of an upgrade chain (old → v1 → v2)
+        raise ConfigError(f"{p} is a '{cfg.get('role')}' run, not a model run; pass a run made by train_old.ipynb "
+                          "(role 'old'), or by train_new.ipynb to upgrade it again")
     _, _, info = load_model(p, verify=True)          # a missing/corrupt model is a NotFoundError/IntegrityError here
     return run, cfg, info
 

@@ -49,6 +49,7 @@ class TrainConfig(Config):
     old_ratio: float = 0.3
     test_ratio: float = 0.2
     val_ratio: float = 0.0                  # validation classes held out of both training splits (Split docs)
+    new_ratio: float = 1.0                  # class scenarios: the new model's share of the classes (upgrade chains)
     role: str = "old"                       # which training split: "old" (old model) or "new"
     # model
     backbone: str = "cpu_resnet"
@@ -123,6 +124,7 @@ class TrainConfig(Config):
         check_range("old_ratio", self.old_ratio, 0, 1, lo_open=True, hi_open=True)
         check_range("test_ratio", self.test_ratio, 0, 1, hi_open=True)
         check_range("val_ratio", self.val_ratio, 0, 1, hi_open=True)
+        check_range("new_ratio", self.new_ratio, 0, 1, lo_open=True)
         check(self.min_lr <= self.lr,
               f"min_lr={self.min_lr} exceeds lr={self.lr}; the schedule decays from lr to min_lr")
         check(self.warmup_epochs <= self.epochs, f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
@@ -135,6 +137,7 @@ class TrainConfig(Config):
         the folder it sits in, so a copied checkout or a moved run gives the same id. `old_id` overrides the look-up."""
         d = super().identity()
         if not self.val_ratio: del d["val_ratio"]      # added later: a run without validation classes keeps its id
+        if self.new_ratio == 1: del d["new_ratio"]      # likewise
         if self.old_run: d["old_run"] = old_id or old_model_id(self.old_run)
         return d
 

@@ -47,9 +47,32 @@ def test_incompatible_old_run_is_refused_before_launch(old_run, tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'ncl'.*Valid methods:"):
         new_run_config(old, "ncl")
     new = new_run_config(old, "independent", preset="smoke")
-    with pytest.raises(ConfigError, match="not an old-model run"):
-        from bctnb.train import train
-        new_run_config(train(new, root=tmp_path / "runs"), "l2")
+
+
+@pytest.mark.slow
+def test_upgrade_chain_old_v1_v2(tmp_path):
+    """Sequential upgrades: old on 30 % of the training classes (extended-class), v1 on the first 60 % of the same class
+    order (BCT against old), v2 on all of them (BCT against v1, the current gallery model); one test set throughout,
+    and every model pair cross-tests on it (the compatibility matrix)"""
+    import numpy as np
+    from bctnb.models import load_model
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol
+    from bctnb.runs import Run
+    from bctnb.train import TrainConfig, train
+    data = dict(dataset="synthetic", dataset_kw={"num_classes": 60, "per_class": 6})
+    old = train(TrainConfig.make("smoke", "old", scenario="extended-class", dim=16, **data), root=tmp_path)
+    v1 = train(new_run_config(old, "bct", preset="smoke", new_ratio=0.6), root=tmp_path)
+    v2 = train(new_run_config(v1, "bct", preset="smoke"), root=tmp_path)
+    maps = [load_model(p)[2]["label_map"] for p in (old, v1, v2)]
+    # 60 classes: 12 test, 48 for training: old 14, v1 28 (old's among them), v2 all 48
+    assert [len(m) for m in maps] == [14, 28, 48] and set(maps[0]) <= set(maps[1]) <= set(maps[2])
+    assert Run(v2).config["old_run"] == str(Path(v1).resolve()) and Run(v2).config["new_ratio"] == 1.0
+    ev = evaluate_protocol(PROTOCOLS["cpu_tier"](config=Run(v2).config), Path(old) / "model",
+                           {"v1": Path(v1) / "model", "v2": Path(v2) / "model"}, refresh=False)
+    C = np.array(ev.compat["C"])                       # row: query model, column: gallery model (earlier ones)
+    assert C.shape == (3, 3) and np.isfinite(C[np.tril_indices(3)]).all()
+    with pytest.raises(ConfigError, match="not more than the old model's"):      # v1 must see more than old
+        new_run_config(old, "bct", preset="smoke", new_ratio=0.2).prepare()
 
 
 @pytest.mark.slow
