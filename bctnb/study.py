@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'METRICS', 'SIDES',
-           'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'default_methods', 'tuned_variants',
-           'sweep_jobs', 'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results', 'zoo_home',
-           'zoo_index', 'restore_zoo']
+__all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'CHAIN_RATIOS', 'METRICS',
+           'SIDES', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'default_methods', 'tuned_variants',
+           'sweep_jobs', 'plan_chain', 'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results',
+           'zoo_home', 'zoo_index', 'restore_zoo']
 
 # %% ../nbs/08_study.ipynb #98372fe1
 import pandas as pd
@@ -168,6 +168,30 @@ def sweep_jobs(scale: str = "quick", nccl_seeds=(0, 1, 2), advbct_seeds=(0,)) ->
     jobs = plan_study(scale, sc, SWEEP_NCCL, seeds=nccl_seeds) + plan_study(scale, sc, SWEEP_ADVBCT, seeds=advbct_seeds)
     return list({j.id: j for j in jobs}.values())            # old models and independent runs are shared by both plans
 
+# %% ../nbs/08_study.ipynb #cee58dc3
+CHAIN_RATIOS = (0.3, 0.6, 1.0)
+
+def plan_chain(scale: str, methods: Sequence[str], seeds: Sequence[int] | None = None,
+               ratios: Sequence[float] = CHAIN_RATIOS, old_variant: str = "softmax128", extra: dict | None = None,
+               **plan_kw) -> list[Job]:
+    """Jobs of old → v1 → v2 upgrade chains, one per method and seed (see above): the old jobs, then each method's v1
+    (`new_ratio` = ratios[1]) and v2 (`new_ratio` = ratios[2], its old model that method's v1)"""
+    r = tuple(float(x) for x in ratios)
+    check(len(r) == 3 and 0 < r[0] < r[1] < r[2] <= 1,
+          f"ratios={ratios!r}: three increasing shares of the training classes, e.g. {CHAIN_RATIOS}")
+    base = plan_study(scale, ["extended-class"], methods, seeds, old_variants=(old_variant,),
+                      extra={**(extra or {}), "old_ratio": r[0]}, **plan_kw)
+    olds, out = [j for j in base if j.role == "old"], []
+    for j in (j for j in base if j.role == "new"):
+        m, s = j.tags["method"], j.tags["seed"]
+        v1 = Job(f"{m}/chain-v1/{old_variant}/s{s}", {**j.overrides, "new_ratio": r[1]}, "new", j.preset, old=j.old,
+                 tags={**j.tags, "scenario": "chain", "stage": "v1"}, post_epochs=j.post_epochs)
+        ov2 = {**j.overrides, **({"new_ratio": r[2]} if r[2] < 1 else {})}
+        v2 = Job(f"{m}/chain-v2/{old_variant}/s{s}", ov2, "new", j.preset, old=v1,
+                 tags={**j.tags, "scenario": "chain", "stage": "v2"}, post_epochs=j.post_epochs)
+        out += [v1, v2]
+    return olds + out
+
 # %% ../nbs/08_study.ipynb #61f3edc8
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
                   method: str | None = None, post_epochs: int | None = None, mechanism: bool = True,
@@ -263,12 +287,24 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
     todo = [j for j in jobs if j.role == "new" and not result_path(study_dir, j).exists()]
     if reused: print(f"[study] {name}: {len(reused)} result(s) copied from other studies with the same job id "
                      "(same configs, old model and protocol)")
-    olds = {j.old.id: j.old for j in todo}
+    # every model the missing results need, level by level: a job's `old` job trains first. In an upgrade chain
+    # (old → v1 → v2) v1 is both a result and the old model of v2.
+    need, depth = {}, {}
+    def add(j):
+        if j.id not in need:
+            need[j.id] = j
+            if j.old is not None: add(j.old)
+            depth[j.id] = 0 if j.old is None else depth[j.old.id] + 1
+    for j in todo: add(j)
+    results = {j.id for j in todo}
+    phases = [[j for j in need.values() if depth[j.id] == lv] for lv in sorted(set(depth.values()))]
     old_dirs, failures = {}, {}
-    bar = progress(total=len(olds) + len(todo), desc=f"{name}: train+eval", unit="model")
+    bar = progress(total=len(need), desc=f"{name}: train+eval", unit="model")
     t0 = time.time()
     def do_old(j):
-        t = time.time(); d = _train(j, None, run_root); return d, time.time() - t
+        if j.old is not None and j.old.id not in old_dirs:
+            raise BctnbError(f"old model {j.old.label} failed; see the failure above")
+        t = time.time(); d = _train(j, old_dirs[j.old.id] if j.old else None, run_root); return d, time.time() - t
     def do_new(j):
         if j.old.id not in old_dirs: raise BctnbError(f"old model {j.old.label} failed; see the failure above")
         t = time.time()
@@ -289,13 +325,13 @@ def run_study(name: str, jobs: Sequence[Job], out_dir=None, run_root=None, worke
         if on_result: on_result(res)
         return d, wall
     with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-        for phase, fn in ((list(olds.values()), do_old), (todo, do_new)):
-            futs = {ex.submit(fn, j): j for j in phase}
+        for phase in phases:
+            futs = {ex.submit(do_new if j.id in results else do_old, j): j for j in phase}
             for f in cf.as_completed(futs):
                 j = futs[f]
                 try:
                     d, wall = f.result()
-                    if j.role == "old": old_dirs[j.id] = d
+                    old_dirs[j.id] = d                          # the old model of any job at the next level
                     bar.set_postfix_str(f"{j.label} {wall:.0f}s")
                 except Exception as e:
                     failures[j.label] = f"{type(e).__name__}: {e}"

@@ -274,3 +274,19 @@ def test_bict_notebook_smoke(tmp_path, runs):
     readme = (out_dir / "README.md").read_text()
     assert "forward, ψ ce (new → ψ(old))" in readme and "| FCT (independent + regression ψ) |" in readme
     assert (out_dir / "bict.png").exists()
+
+
+@pytest.mark.slow
+def test_upgrade_chain_study(tmp_path, runs):
+    """run_study on an upgrade-chain plan trains level by level (old, then v1, then v2 against v1) and stores a
+    result per stage; for FCT the stage-2 ψ maps v1's features to v2's"""
+    from bctnb.study import plan_chain, run_study
+    jobs = plan_chain("smoke", ["bct", "fct"], dataset="synthetic", dataset_kw={"num_classes": 60, "per_class": 6})
+    df = run_study("chain", jobs, tmp_path / "chain", runs, workers=2)
+    res = {(json.loads(f.read_text())["method"], json.loads(f.read_text())["stage"]): json.loads(f.read_text())
+           for f in (tmp_path / "chain" / "runs").glob("*.json")}
+    assert sorted(res) == [("bct", "v1"), ("bct", "v2"), ("fct", "v1"), ("fct", "v2")] and len(df) == 4
+    for m in ("bct", "fct"):
+        assert res[(m, "v2")]["old_run"] == res[(m, "v1")]["new_run"] != res[(m, "v1")]["old_run"]
+        assert res[(m, "v1")]["config"]["new_ratio"] == 0.6 and res[(m, "v2")]["config"]["new_ratio"] == 1.0
+    assert res[("fct", "v2")]["metrics"]["gallery"] == "h(old)" and res[("bct", "v2")]["metrics"]["gallery"] == "old"
