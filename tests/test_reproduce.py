@@ -210,7 +210,8 @@ def test_tune_then_fair_notebooks_smoke(tmp_path, runs):
                dataset_kw=_TUNE["dataset_kw"], tuning="tune_s", reports=str(reports), scenarios=["open-class"],
                seeds=[0], methods=["l2"], out_dir=str(reports / "fair_s"), run_root=str(runs))
     df = load_results(reports / "fair_s")
-    assert set(df.part) == {"test"} and set(df.method) == {"independent", "fct", "l2", chosen}
+    from bctnb.tune import BASELINES
+    assert set(df.part) == {"test"} and set(df.method) == {*BASELINES, "l2", chosen}
     assert set(df.loc[df.method == "l2", "job"]) != set(tuned.loc[tuned.method == "l2", "job"])   # another result …
     res = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in (reports / "fair_s" / "runs").glob("*.json")}
     assert res["l2"]["new_run"] == tres["l2"]["new_run"]                                          # … of the same model
