@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 # %% auto #0
 __all__ = ['SCALES', 'PAPER_DATA', 'OLD_VARIANTS', 'TUNED_VARIANTS', 'SWEEP_NCCL', 'SWEEP_ADVBCT', 'CHAIN_RATIOS', 'METRICS',
            'SIDES', 'ZOO_INDEX', 'scale_info', 'Job', 'parse_method', 'plan_study', 'default_methods', 'tuned_variants',
-           'sweep_jobs', 'plan_chain', 'evaluate_pair', 'result_path', 'run_study', 'check_batches', 'load_results',
-           'zoo_home', 'zoo_index', 'restore_zoo']
+           'sweep_jobs', 'plan_chain', 'chain_matrix', 'post_transform', 'evaluate_pair', 'result_path', 'run_study',
+           'check_batches', 'load_results', 'zoo_home', 'zoo_index', 'restore_zoo']
 
 # %% ../nbs/08_study.ipynb #98372fe1
+import numpy as np
 import pandas as pd
 
 from .core import (BctnbError, ConfigError, IntegrityError, NotFoundError, check, check_choice, config_hash,
@@ -192,7 +193,48 @@ def plan_chain(scale: str, methods: Sequence[str], seeds: Sequence[int] | None =
         out += [v1, v2]
     return olds + out
 
+# %% ../nbs/08_study.ipynb #d8eb4ff9
+def chain_matrix(runs: Sequence, method: str | None = None, post_epochs: int | None = None,
+                 metric: str = "mAP") -> dict:
+    """The compatibility matrix of an upgrade chain `runs` = [old, v1, v2, …] (run folders, each trained against the
+    one before; the test classes of the last one's split): {"C", "models"} plus `compatibility_summary`"""
+    from bctnb.compat import compatibility_summary
+    from bctnb.losses import gallery_fn
+    from bctnb.protocols import PROTOCOLS, _protocol_features
+    from bctnb.train import TrainConfig
+    runs = [Path(r) for r in runs]
+    check(len(runs) >= 2, "chain_matrix needs at least an old and one new run")
+    cfgs = [TrainConfig.from_dict(Run(r).config) for r in runs]
+    data = PROTOCOLS["cpu_tier"](config=cfgs[-1])
+    F = [_protocol_features(r/"model", data)[0] for r in runs]
+    H = [None] + [post_transform(runs[k - 1], runs[k], cfgs[k], method, post_epochs) for k in range(1, len(runs))]
+    C = np.full((len(runs), len(runs)), np.nan)
+    for i in range(len(runs)):
+        for j in range(i + 1):
+            G = F[j]
+            for k in range(j + 1, i + 1):                      # the upgrades the stored gallery went through
+                if H[k] is not None: G = gallery_fn(H[k])(G)
+            C[i, j] = data.scorer(F[i], G)[0][metric]
+    return {"C": C.tolist(), "models": [r.name for r in runs], **compatibility_summary(C)}
+
 # %% ../nbs/08_study.ipynb #61f3edc8
+def post_transform(old_run, new_run, cfg, method: str | None = None, post_epochs: int | None = None):
+    """The post stage's h of `method` (a spec; default `cfg.method`) for a trained (old, new) pair, fitted once and
+    cached in the new run's folder (the file is named by the old model's sha256, the epochs, the seed and the post
+    stage's own settings); None for a method without a post stage"""
+    from bctnb.protocols import fit_post_stage
+    from bctnb.losses import METHODS
+    name = parse_method(method)[0] if method else cfg.method
+    cls = METHODS.get(name)
+    if not cls.has_post_stage(): return None
+    kw = {**cfg.method_kw, **(parse_method(method)[1] if method else {})}
+    epochs, seed = post_epochs or cls.post_stage_epochs(cfg.preset), cfg.seed
+    sha = load_json(Path(old_run)/"model"/"model.json", "model description")["files"]["backbone.safetensors"]
+    hp = {k: kw[k] for k in cls.post_hparams if k in kw}          # the post stage's own settings name its file
+    tag = f"-{config_hash(hp, 8)}" if hp else ""
+    return fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed, method_kw=hp,
+                          path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}{tag}.safetensors")
+
 def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: int = 10, refresh_seeds=(0, 1, 2),
                   method: str | None = None, post_epochs: int | None = None, mechanism: bool = True,
                   part: str = "test") -> dict:
@@ -203,20 +245,13 @@ def evaluate_pair(old_run, new_run, cfg, refresh: bool = False, refresh_steps: i
     ("new/h(old)"). `mechanism`: also measure whether the method's mechanism acted (`mechanism_stats`). `part="val"`:
     every retrieval metric on the split's validation classes instead of its test classes (hyper-parameter selection
     never loads a test image)."""
-    from bctnb.protocols import PROTOCOLS, evaluate_protocol, fit_post_stage, mechanism_stats
-    from bctnb.losses import METHODS, gallery_fn
+    from bctnb.protocols import PROTOCOLS, evaluate_protocol, mechanism_stats
+    from bctnb.losses import gallery_fn
     data = PROTOCOLS["cpu_tier"](config=cfg, part=part)
     name = parse_method(method)[0] if method else cfg.method
-    cls, tfs = METHODS.get(name), {}
     kw = {**cfg.method_kw, **(parse_method(method)[1] if method else {})}
-    if cls.has_post_stage():
-        epochs, seed = post_epochs or cls.post_stage_epochs(cfg.preset), cfg.seed
-        sha = load_json(Path(old_run)/"model"/"model.json", "model description")["files"]["backbone.safetensors"]
-        hp = {k: kw[k] for k in cls.post_hparams if k in kw}          # the post stage's own settings name its file
-        tag = f"-{config_hash(hp, 8)}" if hp else ""
-        h = fit_post_stage(name, Path(old_run)/"model", Path(new_run)/"model", cfg, epochs, seed=seed, method_kw=hp,
-                           path=Path(new_run)/f"{name}-{sha[:12]}-e{epochs}-s{seed}{tag}.safetensors")
-        tfs["new"] = gallery_fn(h)
+    h = post_transform(old_run, new_run, cfg, method, post_epochs)
+    tfs = {"new": gallery_fn(h)} if h is not None else {}
     ev = evaluate_protocol(data, Path(old_run)/"model", {"new": Path(new_run)/"model"}, gallery_transforms=tfs,
                            refresh=refresh, refresh_steps=refresh_steps, refresh_seeds=refresh_seeds, compat=False)
     keep = lambda m: {k: m[k] for k in ("mAP", "R@1", "R@5", "R@10", "TAR")}

@@ -3,6 +3,7 @@ rendered from per-run result files, and a re-run skips finished runs."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,15 +267,20 @@ def test_bict_notebook_smoke(tmp_path, runs):
     from bctnb.study import load_results
     out_dir = tmp_path / "bict"
     _papermill("reproduce_bict.ipynb", tmp_path / "out.ipynb", scale="smoke", dataset="synthetic",
-               dataset_kw={"num_classes": 40, "per_class": 6}, lams=[0, 1], out_dir=str(out_dir), run_root=str(runs))
+               dataset_kw={"num_classes": 40, "per_class": 6}, lams=[0, 1], chain_methods=["bct", "bict:psi=ce"],
+               out_dir=str(out_dir), run_root=str(runs))
     df = load_results(out_dir)
-    assert len(df) == 2 + 2 + 4                                    # independent, fct, 2 bct, 2 λ × 2 ψ
+    assert len(df[df.scenario == "open-class"]) == 2 + 2 + 4       # independent, fct, 2 bct, 2 λ × 2 ψ
+    assert len(df[df.scenario == "chain"]) == 2 * 2                # 2 chains × (v1, v2)
     res = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in (out_dir / "runs").glob("*.json")}
     assert res["bict:lam=1,psi=ce"]["new_run"] == res["bict:lam=1,psi=regress"]["new_run"] == res["bct:lam=1"]["new_run"]
     assert res["bict:lam=1,psi=ce"]["metrics"]["gallery"] == "h(old)" and res["bct:lam=1"]["metrics"]["gallery"] == "old"
     readme = (out_dir / "README.md").read_text()
     assert "forward, ψ ce (new → ψ(old))" in readme and "| FCT (independent + regression ψ) |" in readme
-    assert (out_dir / "bict.png").exists()
+    assert (out_dir / "bict.png").exists() and "## Sequential upgrades old → v1 → v2" in readme
+    import pandas as pd
+    chain = pd.read_csv(out_dir / "chain.csv")
+    assert sorted(chain.method) == ["bct", "bict:psi=ce"] and chain[["v1 → old", "v2 → v1", "v2 → old"]].notna().all().all()
 
 
 @pytest.mark.slow
@@ -291,3 +297,13 @@ def test_upgrade_chain_study(tmp_path, runs):
         assert res[(m, "v2")]["old_run"] == res[(m, "v1")]["new_run"] != res[(m, "v1")]["old_run"]
         assert res[(m, "v1")]["config"]["new_ratio"] == 0.6 and res[(m, "v2")]["config"]["new_ratio"] == 1.0
     assert res[("fct", "v2")]["metrics"]["gallery"] == "h(old)" and res[("bct", "v2")]["metrics"]["gallery"] == "old"
+    # the chain's compatibility matrix: the stage results are its sub-diagonal; the old gallery, upgraded twice
+    # (FCT: h2(h1(old)); BCT: as stored), is the corner
+    from bctnb.study import chain_matrix
+    for m in ("bct", "fct"):
+        runs_m = [Path(runs) / res[(m, "v1")]["old_run"], Path(runs) / res[(m, "v1")]["new_run"],
+                  Path(runs) / res[(m, "v2")]["new_run"]]
+        cm = chain_matrix(runs_m, method=m)
+        C = np.array(cm["C"])
+        assert C[1, 0] == res[(m, "v1")]["metrics"]["cross"]["mAP"] and C[2, 1] == res[(m, "v2")]["metrics"]["cross"]["mAP"]
+        assert C[1, 1] == res[(m, "v1")]["metrics"]["self"]["mAP"] and np.isfinite(C[2, 0]) and {"AC", "BC", "FC"} <= set(cm)
