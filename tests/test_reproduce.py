@@ -254,10 +254,12 @@ def test_bridges_notebook_reproduces_the_source_study(tmp_path, runs):
     run_study("src", jobs, tmp_path / "reports" / "src", runs, workers=2)
     out_dir = tmp_path / "reports" / "bridges_src"
     _papermill("reproduce_bridges.ipynb", tmp_path / "out.ipynb", source="src", seeds=[0], bridges=["procrustes"],
-               refresh_steps=2, reports=str(tmp_path / "reports"), out_dir=str(out_dir), run_root=str(runs))
+               refresh_steps=2, max_calib=100, reports=str(tmp_path / "reports"), out_dir=str(out_dir),
+               run_root=str(runs))
     readme = (out_dir / "README.md").read_text()
     assert "| 0 |" in readme and "| True |" in readme and "| False |" not in readme, readme
     assert "new+procrustes (gallery)" in readme and "new+procrustes (query)" in readme and "| l2 |" in readme
+    assert "| 100 |" in readme and "a seeded sample of at most 100" in readme          # the calibration cap
     assert (out_dir / "decision_summary.csv").exists() and (out_dir / "s0" / "evaluate.ipynb").exists()
 
 
