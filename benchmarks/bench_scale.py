@@ -1,8 +1,8 @@
 """Evaluation at scale: peak memory and time of (1) a hot-refresh sweep over a GLDv2-sized gallery (761,757 × 512,
 1,129 queries, the GLDv2 mAP@100 scorer), bctnb's in-place sweep against the reference layout (a mixed gallery
 materialised and normalised at every step, as OpenCompatible's evaluation builds it), and (2) a cross-test of a
-10 M × 128 feature-file pair (200 queries) read memory-mapped from `.npy` (the `features` protocol: old/old, new/new, cross and
-reverse over a query/gallery split). Each arm runs in its own process; the parent samples the child's
+10 M × 128 feature-file pair (200 queries) read memory-mapped from `.npy` (the `features` protocol: old/old,
+new/new, cross and reverse over a query/gallery split). Each arm runs in its own process; the parent samples the child's
 /proc/<pid>/status every 0.1 s: peak VmRSS (everything resident, including the mapped file pages the kernel can drop)
 and peak RssAnon (process memory proper, what must fit in RAM). Writes benchmarks/results/scale.json.
 
@@ -64,7 +64,7 @@ def make_files(work, n, nq, d):
     "old.npy / new.npy (memory-mapped writes), ids (.npy), labels (Parquet), query and gallery id lists"
     import pandas as pd
     C, R, y, rng = _gallery(n, d, max(2, n // 10), 1)
-    ids = np.char.add("i", np.arange(n).astype(str))
+    ids = np.char.add("i", np.arange(n).astype(f"U{len(str(n))}"))      # short ids: <U9 at 10 M
     for name in ("old", "new"):
         X = np.lib.format.open_memmap(work / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, d))
         for a in range(0, n, 1 << 18):
