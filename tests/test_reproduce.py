@@ -280,6 +280,7 @@ def test_bict_notebook_smoke(tmp_path, runs):
     readme = (out_dir / "README.md").read_text()
     assert "forward, ψ ce (new → ψ(old))" in readme and "| FCT (independent + regression ψ) |" in readme
     assert (out_dir / "bict.png").exists() and "## Sequential upgrades old → v1 → v2" in readme
+    assert "## Did the mechanism act" in readme
     import pandas as pd
     chain = pd.read_csv(out_dir / "chain.csv")
     assert sorted(chain.method) == ["bct", "bict:psi=ce"] and chain[["v1 → old", "v2 → v1", "v2 → old"]].notna().all().all()
