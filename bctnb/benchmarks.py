@@ -205,8 +205,9 @@ class RecordIODataset(ImageDataset):
                                            si.st_mtime_ns]).encode())[:16]
         cf = data_home()/"recordio"/f"labels-{tag}.npy"
         if cache and cf.exists():
-            lab = np.load(cf, allow_pickle=False)
-            if len(lab) == len(self.image_keys): return lab
+            try: lab = np.load(cf, allow_pickle=False)
+            except (EOFError, ValueError, OSError): lab = None    # a damaged cache file is rebuilt below
+            if lab is not None and len(lab) == len(self.image_keys): return lab
         pos = {int(k): i for i, k in enumerate(self.image_keys)}
         lab = np.full(len(self.image_keys), -1, dtype=np.int64)
         if ident is not None:
@@ -216,8 +217,8 @@ class RecordIODataset(ImageDataset):
         missing = np.flatnonzero(lab < 0)
         for i in (progress(missing, desc=f"read labels {r.rec.name}") if len(missing) > 10000 else missing):
             lab[i] = int(self._peek_label(int(self.image_keys[i])))
-        if cache and len(lab) > 10000:
-            with atomic_path(cf, suffix=".npy") as tmp: np.save(tmp, lab)
+        if cache and len(lab) > 10000:                  # through a file object: np.save would append ".npy" to tmp
+            with atomic_path(cf) as tmp, open(tmp, "wb") as f: np.save(f, lab)
         return lab
 
     def load_image(self, i):

@@ -284,3 +284,18 @@ def test_registry_lists_every_dataset():
     assert {"emoji", "folder", "ms1mv3_rec", "ijbc", "gldv2", "roxford5k", "rparis6k", "market1501"} <= set(DATASETS.names())
     with pytest.raises(ConfigError, match="Did you mean 'emoji'"):
         load_dataset("emoj")
+
+
+def test_recordio_label_cache_is_written_whole_and_reread(tmp_path, monkeypatch):
+    """A .rec of more than 10,000 images caches its labels: a second open reads the cache (it used to hold an empty
+    file, np.save having written to '<tmp>.npy' beside it); a damaged cache is rebuilt, not fatal"""
+    monkeypatch.setenv("BCTNB_DATA", str(tmp_path / "data"))
+    buf = io.BytesIO(); Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, "JPEG")
+    items = [(c // 2, buf.getvalue()) for c in range(10_010)]
+    write_recordio(tmp_path / "big", items, identity_records=True)
+    first = RecordIODataset(tmp_path / "big.rec").labels
+    (cache,) = (tmp_path / "data" / "recordio").glob("labels-*.npy")
+    assert cache.stat().st_size > 10_010 * 8 and not [p for p in cache.parent.iterdir() if p != cache]
+    assert np.array_equal(RecordIODataset(tmp_path / "big.rec").labels, first)
+    cache.write_bytes(b"")                                        # damaged: rebuilt from the records
+    assert np.array_equal(RecordIODataset(tmp_path / "big.rec").labels, np.arange(10_010) // 2)
