@@ -209,11 +209,10 @@ def chain_matrix(runs: Sequence, method: str | None = None, post_epochs: int | N
     F = [_protocol_features(r/"model", data)[0] for r in runs]
     H = [None] + [post_transform(runs[k - 1], runs[k], cfgs[k], method, post_epochs) for k in range(1, len(runs))]
     C = np.full((len(runs), len(runs)), np.nan)
-    for i in range(len(runs)):
-        for j in range(i + 1):
-            G = F[j]
-            for k in range(j + 1, i + 1):                      # the upgrades the stored gallery went through
-                if H[k] is not None: G = gallery_fn(H[k])(G)
+    for j in range(len(runs)):
+        G = F[j]                                               # model j's gallery, as stored after each later upgrade
+        for i in range(j, len(runs)):
+            if i > j and H[i] is not None: G = gallery_fn(H[i])(G)
             C[i, j] = data.scorer(F[i], G)[0][metric]
     return {"C": C.tolist(), "models": [r.name for r in runs], **compatibility_summary(C)}
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .core import IntegrityError, check, check_choice, load_json, project_root
 from .study import Job, load_results, parse_method, plan_study
-from .report import _md, provenance
+from .report import _md, _pm, provenance
 
 # %% ../nbs/08c_tune.ipynb #73dbacfa
 GRID_POINTS = 4
@@ -141,7 +141,6 @@ def fair_table(results: pd.DataFrame, selection: pd.DataFrame, tuned_on: str = "
                metric: str = "mAP") -> pd.DataFrame:
     """Per scenario (× old variant) × tuned method: reference and validated cross/self `metric` (mean ± std over
     seeds) and the paired per-seed difference validated − reference ("same setting" when the rule kept the reference)"""
-    from bctnb.report import _pm
     sel = selection[selection["scenario"] == tuned_on].set_index("method")["chosen"]
     df = results[results["part"] == "test"] if "part" in results else results
     by = [c for c in ("old_variant", "scenario") if c in df]
