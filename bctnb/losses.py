@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 
 # %% auto #0
 __all__ = ['METHOD_MODULES', 'METHODS', 'Batch', 'MethodContext', 'freeze', 'inference_copy', 'gather', 'rank0_first',
-           'projection_methods', 'Method', 'get_method', 'available_methods', 'gallery_fn', 'gallery_transform_of',
-           'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'BCTNorm', 'methods_table']
+           'projection_methods', 'Method', 'get_method', 'method_identity', 'available_methods', 'gallery_fn',
+           'gallery_transform_of', 'Independent', 'weakened_l2_loss', 'WeakenedL2', 'L2', 'BCT', 'BCTNorm',
+           'methods_table']
 
 # %% ../nbs/04_losses.ipynb #b3ba604c
 import numpy as np
@@ -129,6 +130,8 @@ class Method(nn.Module):
     equal_dims: ClassVar[bool] = True
     defaults: ClassVar[dict] = {}
     trains_as: ClassVar[str | None] = None        # the method whose training run this one shares (None: its own)
+    # hyper-parameter -> its default before the default changed (`method_identity`: run ids keep their meaning)
+    changed_defaults: ClassVar[dict] = {}
     post_hparams: ClassVar[tuple] = ()            # hyper-parameters only its post stage reads (not the training run's)
     post_epochs: ClassVar[dict] = {}              # post-training stage: default epochs per scale / preset
     ablation: ClassVar[bool] = False              # an ablation of another method: studies run it only when asked
@@ -331,6 +334,18 @@ METHODS = LazyRegistry("method", METHOD_MODULES)
 def get_method(name: str, **hparams) -> Method:
     "Build the method registered as `name` with `hparams` (unknown name or hyper-parameter -> ConfigError)"
     return METHODS.get(name)(**hparams)
+
+def method_identity(name: str, kw: dict) -> dict:
+    '''The hyper-parameters that name a run of method `name` (run ids, study job ids): `kw` as given, except for each
+    hyper-parameter whose default changed after runs were published (`Method.changed_defaults`: name -> the default
+    before). Left out, it is written in at its current default, so the new meaning gets a new id; given at its former
+    default, it is left out, so the id is the one those runs had before the change and still means what they did.'''
+    cls, out = METHODS.get(name), dict(kw)
+    for k, before in cls.changed_defaults.items():
+        v = out.get(k, cls.defaults[k])
+        if v == before: out.pop(k, None)
+        else: out[k] = v
+    return out
 
 def available_methods() -> list[str]:
     "Names of every registered method"

@@ -219,9 +219,10 @@ class NCCL(Method):
     "L = L_cls + α·L_emb(f̂ vs queue of ô) + β·L_disc(z^n vs queue of z^o), consensus-weighted soft positives"
     name = "nccl"; needs_old = True; old_features = "online"
     n_train = 0                                                  # the training split's size, known after setup()
-    defaults = dict(K=8192, cap_K=False, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
+    defaults = dict(K=8192, cap_K=True, alpha=1.0, beta=0.01, tau=1.0, positives="class", k_pos=8, filter=False,
                     disc_logits="norm", queue_dtype="auto", old_source="auto")
     mechanism_rule = ("positives_per_anchor", ">", 0.0, "anchors find old features of their class in the queue")
+    changed_defaults = dict(cap_K=False)                         # uncapped until 2026-12-06 (see "Queue size" above)
 
     def mechanism(self, old, new, labels) -> dict[str, float]:
         n, C = len(labels), len(np.unique(np.asarray(labels)))

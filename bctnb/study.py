@@ -64,7 +64,10 @@ class Job:
     def id(self) -> str:
         "Stable id, a portable file name: `safe_name(label)` + hash of the overrides, preset, role and the old job's id"
         part = {"part": self.part} if self.part != "test" else {}        # a validation job is another result
-        h = config_hash({"o": self.overrides, "p": self.preset, "r": self.role,
+        from bctnb.losses import method_identity
+        o = dict(self.overrides)
+        if "method_kw" in o: o["method_kw"] = method_identity(o.get("method", "independent"), o["method_kw"])
+        h = config_hash({"o": o, "p": self.preset, "r": self.role,
                          "old": self.old.id if self.old else None, **part})
         return f"{safe_name(self.label)}-{h}"
 
@@ -204,7 +207,7 @@ def chain_matrix(runs: Sequence, method: str | None = None, post_epochs: int | N
     from bctnb.train import TrainConfig
     runs = [Path(r) for r in runs]
     check(len(runs) >= 2, "chain_matrix needs at least an old and one new run")
-    cfgs = [TrainConfig.from_dict(Run(r).config) for r in runs]
+    cfgs = [TrainConfig.from_stored(Run(r).config) for r in runs]
     data = PROTOCOLS["cpu_tier"](config=cfgs[-1])
     F = [_protocol_features(r/"model", data)[0] for r in runs]
     H = [None] + [post_transform(runs[k - 1], runs[k], cfgs[k], method, post_epochs) for k in range(1, len(runs))]
@@ -407,6 +410,16 @@ def check_batches(jobs: Sequence[Job]):
 METRICS = ("mAP", "R@1", "TAR")
 SIDES = ("old/old", "self", "cross")           # old query → old gallery, new → new, new query → old gallery
 
+def _trained_spec(r: dict) -> str:
+    '''A result's method spec, naming each changed default its run was trained at before the change (a result of
+    `nccl` trained with the former uncapped queue reads `nccl:cap_K=false`, so it is never taken for today's `nccl`)'''
+    from bctnb.losses import METHODS
+    spec, cfg = r.get("method"), r.get("config") or {}
+    if not spec or cfg.get("method") not in METHODS.names(): return spec
+    kw = cfg.get("method_kw") or {}
+    old = [f"{k}={json.dumps(v)}" for k, v in METHODS.get(cfg["method"]).changed_defaults.items() if k not in kw]
+    return spec + ("," if ":" in spec else ":") + ",".join(old) if old else spec
+
 def load_results(study_dir) -> pd.DataFrame:
     "One row per finished new-model job: tags plus old/old, self and cross metrics"
     rows = []
@@ -414,6 +427,7 @@ def load_results(study_dir) -> pd.DataFrame:
         r = load_json(f, "study result")
         row = {k: r.get(k) for k in ("job", "label", "method", "scenario", "seed", "old_variant", "train_wall_s",
                                      "old_run", "old_train_wall_s")}
+        row["method"] = _trained_spec(r)
         row["part"] = r.get("part", "test")            # the classes the metrics come from (tuning studies: "val")
         for side in SIDES:
             for k, v in r["metrics"][side].items(): row[f"{side}:{k}"] = v
@@ -484,7 +498,7 @@ def restore_zoo(ids: Sequence[str] | None = None, dest=None, root=None) -> list[
     out = []
     for rid in order:
         d = _restore_one(rid, index[rid], root, dest)
-        got = TrainConfig.from_dict(Run(d).config).run_id
+        got = TrainConfig.from_stored(Run(d).config).run_id
         if got != rid:
             raise IntegrityError(f"restored zoo run {d} has run id {got}, not {rid}: the index is out of date")
         if rid in ids: out.append(d)

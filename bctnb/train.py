@@ -29,7 +29,7 @@ from .runs import Run, RUN_LOCK_ENV, RunLock
 from .checkpoint import save_checkpoint, load_checkpoint, _rng_json, _rng_from_json, _opt_join, _load_module
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, config_split, dataset_args, load_dataset, SCENARIOS
-from .losses import METHODS, Batch, MethodContext, Method, get_method
+from .losses import METHODS, Batch, MethodContext, Method, get_method, method_identity
 
 # %% ../nbs/05_train.ipynb #be490d28
 ROLES = ("old", "new")
@@ -102,6 +102,8 @@ class TrainConfig(Config):
         for reg, v, what in ((DATASETS, self.dataset, "dataset"), (BACKBONES, self.backbone, "backbone"),
                              (HEADS, self.head, "head"), (METHODS, self.method, "method")):
             reg.get(v)                      # unknown name → ConfigError listing the valid ones
+        M = METHODS.get(self.method)        # a default changed since runs were published: written in, so config.json says
+        self.method_kw = {**{k: M.defaults[k] for k in M.changed_defaults}, **self.method_kw}    # which one it used
         self.data_root, self.dataset_kw = dataset_args(self.dataset, self.data_root, self.dataset_kw)
         check_choice("scenario", self.scenario, SCENARIOS)
         check_choice("role", self.role, ROLES)
@@ -138,11 +140,19 @@ class TrainConfig(Config):
         d = super().identity()
         if not self.val_ratio: del d["val_ratio"]      # added later: a run without validation classes keeps its id
         if self.new_ratio == 1: del d["new_ratio"]      # likewise
+        d["method_kw"] = method_identity(self.method, self.method_kw)   # a changed default: the id keeps its meaning
         if self.old_run: d["old_run"] = old_id or old_model_id(self.old_run)
         return d
 
     @property
     def run_id(self) -> str: return f"{self.run_name}-{self.hash()}"
+
+    @classmethod
+    def from_stored(cls, d: dict) -> "TrainConfig":
+        '''The config of a run folder's config.json (or a result file's): a hyper-parameter of `Method.changed_defaults`
+        it lacks was trained at its former default (configs name it since the change), so it is read as that.'''
+        kw, M = dict(d.get("method_kw") or {}), METHODS.get(d.get("method", "independent"))
+        return cls.from_dict({**d, "method_kw": {**M.changed_defaults, **kw}})
 
     def prepare(self):
         ("Check what the run needs before workers start: the dataset (loaded, i.e. built once, here), the split size, "
@@ -213,7 +223,7 @@ def old_model_id(old_run) -> str:
     run_dir = p if (p/"config.json").exists() else p.parent if (p.parent/"config.json").exists() else None
     if run_dir is not None:
         rc = load_json(run_dir/"config.json", "run config")
-        return f"{rc['name']}-{TrainConfig.from_dict(rc['config']).hash()}"
+        return f"{rc['name']}-{TrainConfig.from_stored(rc['config']).hash()}"
     mj = p/"model.json" if (p/"model.json").exists() else p/"model"/"model.json"
     if not mj.exists():
         raise NotFoundError(f"old model not found: {p} is neither a run folder (config.json) nor a model folder "
@@ -387,7 +397,7 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     info, prec = init_distributed(cfg)
     rank, world = info.rank, info.world_size
     run = Run(run_dir) if run_dir is not None else Run.create(cfg.run_name, cfg, root)
-    if TrainConfig.from_dict(run.config).hash() != cfg.hash():
+    if TrainConfig.from_stored(run.config).hash() != cfg.hash():
         raise ConfigError(f"{run.path} holds a different config than the one given; use a new run folder")
     if run.done and (run.path/"model"/"model.json").exists(): return run.path     # finished earlier: nothing to do
     if rank == 0: run.set_status("running", pid=os.getpid(), world_size=world)
@@ -566,7 +576,7 @@ def main(run_dir: str):  # a run folder created by `bctnb.launch.torchrun` (hold
     "torchrun worker: train the run in RUN_DIR (resuming from its last checkpoint)"
     rank, code = int(os.environ.get("RANK", 0)), 0
     try:
-        cfg = TrainConfig.from_dict(Run(run_dir).config)
+        cfg = TrainConfig.from_stored(Run(run_dir).config)
         train(cfg, run_dir=run_dir)
     except BaseException as e:
         code = 3 if isinstance(e, BctnbError) else 1

@@ -27,7 +27,7 @@ def check_zoo_entry(result_json, zoo=None, atol: float = 1e-4) -> dict:
     r = load_json(Path(result_json), "study result")
     new_dir = restore_zoo([r["new_run"]], zoo)[0]
     old_dir = new_dir.parent/r["old_run"]
-    cfg = TrainConfig(**{**r["config"], "old_run": str(old_dir)})
+    cfg = TrainConfig.from_stored({**r["config"], "old_run": str(old_dir)})
     got = evaluate_pair(old_dir, new_dir, cfg, mechanism=False)       # the numbers only
     for side in SIDES:
         for k, v in r["metrics"][side].items():

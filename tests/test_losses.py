@@ -205,7 +205,7 @@ def test_unibct_term_off_before_first_refresh(tmp_path):
 
 def test_nccl_every_term_has_gradient_and_queue_mask(tmp_path):
     ctx = make_ctx(tmp_path)
-    m = get_method("nccl", K=100); m.setup(ctx)
+    m = get_method("nccl", K=100, cap_K=False); m.setup(ctx)
     b = make_batch(ctx); out = m(b)
     p = next(ctx.new_backbone.parameters())
     for k in ("cls", "emb", "disc"):
