@@ -117,6 +117,12 @@ class Run:
         if self._tb is None:
             try: from torch.utils.tensorboard import SummaryWriter
             except ImportError: self._tb = False; return        # the optional dependency is not installed
+            # TensorBoard reads a folder's event files in name order, and a name starts with the second it was opened
+            # in (then host, pid, a counter): an attempt's file must sort after the earlier attempts' for its purge to
+            # apply, so it is not opened in the same second as the newest one there
+            secs = [int(f.name.split(".")[3]) for f in (self.path/"tensorboard").glob("events.out.tfevents.*")
+                    if f.name.split(".")[3].isdigit()]
+            if secs and time.time() < max(secs) + 1: time.sleep(max(secs) + 1 - time.time())
             self._tb = SummaryWriter(str(self.path/"tensorboard"), purge_step=step)
         for k, v in row.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):

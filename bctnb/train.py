@@ -14,7 +14,7 @@ from typing import Any
 # %% auto #0
 __all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'check_method',
            'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'TrainData', 'prepare_data', 'epoch_order',
-           'Trainee', 'freeze', 'NonFiniteLossError', 'build_optimizer', 'train', 'main']
+           'Trainee', 'freeze', 'NonFiniteLossError', 'build_optimizer', 'loader_workers', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #a42a62dc
 import numpy as np
@@ -39,7 +39,7 @@ PRESETS = ("smoke", "cpu", "paper")
 @dataclass
 class TrainConfig(Config):
     "Everything that defines a training run; the hash of `identity()` names the run folder"
-    RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every")   # not in the run id
+    RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every", "host_sync")   # not in the id
     # data
     dataset: str = "emoji"
     data_root: str | None = None
@@ -93,7 +93,8 @@ class TrainConfig(Config):
     seed: int = 0
     preset: str = "cpu"
     in_memory: bool | None = None           # None → hold the split in RAM as uint8 when it fits
-    num_workers: int = 0
+    num_workers: int | None = None          # DataLoader workers per process; None → auto (`loader_workers`)
+    host_sync: str = "auto"                 # loss terms to the host: "step", "log" (logging/epoch/ckpt steps), "auto"
     ckpt_every: int = 100
     keep_ckpts: int = 2
     log_every: int = 10
@@ -110,9 +111,12 @@ class TrainConfig(Config):
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("optimizer", self.optimizer, ["sgd", "adam"])
         check_choice("preset", self.preset, PRESETS)
+        check_choice("host_sync", self.host_sync, ["auto", "step", "log"])
         for k in ("dim", "epochs", "batch_size", "nproc", "nnodes", "ckpt_every", "keep_ckpts", "log_every"):
             v = getattr(self, k)
             check(isinstance(v, int) and v >= 1, f"{k}={v!r} must be a positive integer")
+        check(self.num_workers is None or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+              f"num_workers={self.num_workers!r} must be None (auto) or a non-negative integer")
         check(self.max_steps is None or self.max_steps >= 1,
               f"max_steps={self.max_steps!r} must be a positive integer or None")
         check(self.batch_size % (self.nproc * self.nnodes) == 0,
@@ -459,39 +463,53 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     last_good = step
     bar = progress(total=total, initial=step, rank=rank, desc=run.id)
     t0, seen = time.time(), 0
+    feed = _Feed(data, cfg, dev, rank)
+    pending = []            # the loss vectors of the steps since the last host sync (on the device)
+    every_step = cfg.host_sync == "step" or (cfg.host_sync == "auto" and dev.type == "cpu")
     while step < total:
         epoch, bi0 = divmod(step, spe)
         if bi0 == 0:
             method.on_epoch_start(epoch, ctx); ep_sum, ep_n = 0.0, 0
             model.train()
         order = epoch_order(len(data.positions), epoch, cfg.seed, rank, world)
-        loader = _batch_source(data, order, b, bi0, spe, cfg, epoch, rank)
-        for bi, (xu8, pos) in zip(range(bi0, spe), loader):
+        for bi, (xu8, pos) in zip(range(bi0, spe), feed.batches(order, b, bi0, spe)):
             if step >= total: break
-            x, flipped = augment(xu8, make_generator(cfg.seed, "augment", epoch, bi, rank))
+            # augmented on the device: the uint8 batch travels (4× fewer bytes than floats), the draws stay on the CPU
+            x, flipped = augment(xu8.to(dev, non_blocking=True), make_generator(cfg.seed, "augment", epoch, bi, rank))
             lr = lr_at(step, total, spe, cfg)
             for g in opt.param_groups: g["lr"] = lr
             pos_t = torch.as_tensor(pos)
-            terms = model(x.to(dev, non_blocking=True), labels=data.labels[pos_t].to(dev),
-                          global_labels=data.global_labels[pos_t].to(dev),
-                          index=pos_t.to(dev), flipped=flipped.to(dev), epoch=epoch, step=step, total_steps=total,
-                          steps_per_epoch=spe, epochs=cfg.epochs)
+            terms = model(x, labels=data.labels[pos_t].to(dev, non_blocking=True),
+                          global_labels=data.global_labels[pos_t].to(dev, non_blocking=True),
+                          index=pos_t.to(dev, non_blocking=True), flipped=flipped, epoch=epoch, step=step,
+                          total_steps=total, steps_per_epoch=spe, epochs=cfg.epochs)
             check(isinstance(terms, dict) and len(terms) > 0,
                   f"method '{cfg.method}' returned {type(terms).__name__}, expected a non-empty dict of loss terms")
             loss = sum(terms.values())
-            vals = torch.stack([loss.detach().float().reshape(())]
-                               + [v.detach().float().reshape(()) for v in terms.values()]).cpu()
-            if world > 1: dist.all_reduce(vals); vals /= world
-            if not torch.isfinite(vals).all():
-                bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, vals[1:].tolist()))
-                where = (f"the last good checkpoint (step {last_good}, {run.path/'ckpt'}) is kept and a re-run resumes "
-                         "from it" if (run.path/"ckpt"/"last.json").exists()
-                         else "no checkpoint was written yet, so a re-run starts from scratch")
-                err = NonFiniteLossError(f"loss is {vals[0].item()} at step {step} (epoch {epoch}; terms: {bad}). "
-                                         f"Training stopped before the update; {where}. Fix: lower lr (now {lr:.3g}), "
-                                         "try amp=False, or check the data.")
-                if rank == 0: run.set_status("failed", error=str(err))
-                raise err
+            pending.append(torch.stack([loss.detach().float().reshape(())]
+                                       + [v.detach().float().reshape(()) for v in terms.values()]))
+            end_of_epoch = bi == spe - 1 or step + 1 == total
+            log_now = rank == 0 and ((step + 1) % cfg.log_every == 0 or end_of_epoch)
+            if every_step or end_of_epoch or (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0:
+                # host sync ("auto": every step on a CPU, where it is free; else at logging, epoch ends, checkpoints)
+                V = torch.stack(pending).cpu(); pending = []
+                if world > 1: dist.all_reduce(V); V /= world
+                bad = (~torch.isfinite(V)).any(1).nonzero().flatten()
+                if len(bad):
+                    first, k = step - len(V) + 1 + int(bad[0]), int(bad[0])
+                    terms_s = ", ".join(f"{t}={v:.4g}" for t, v in zip(terms, V[k, 1:].tolist()))
+                    where = (f"the last good checkpoint (step {last_good}, {run.path/'ckpt'}) is kept and a re-run "
+                             "resumes from it" if (run.path/"ckpt"/"last.json").exists()
+                             else "no checkpoint was written yet, so a re-run starts from scratch")
+                    late = (f" (found at step {step}, the next host sync; the updates since are discarded)"
+                            if first < step else "")
+                    err = NonFiniteLossError(f"loss is {V[k, 0].item()} at step {first} (epoch {epoch}; terms: "
+                                             f"{terms_s}). Training stopped before the update{late}; {where}. Fix: lower "
+                                             f"lr (now {lr:.3g}), try amp=False, or check the data.")
+                    if rank == 0: run.set_status("failed", error=str(err))
+                    raise err
+                for v in V[:, 0].tolist(): ep_sum += v; ep_n += 1
+                vals = V[-1]
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -499,9 +517,8 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
                 nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
             scaler.step(opt); scaler.update()
             step += 1; seen += len(pos) * world
-            ep_sum += vals[0].item(); ep_n += 1
             bar.update(1)
-            if rank == 0 and (step % cfg.log_every == 0 or step == total or bi == spe - 1):
+            if log_now:
                 el = time.time() - t0
                 run.log(step=step, epoch=epoch, lr=lr, loss=vals[0].item(),
                         **{f"loss_{k}": v for k, v in zip(terms, vals[1:].tolist())},
@@ -509,7 +526,6 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
                         **{f"stat_{k}": float(v) for k, v in method.stats.items()},
                         img_s=seen / el if el > 0 else None)
                 bar.set_postfix(loss=f"{vals[0].item():.3f}", lr=f"{lr:.3g}")
-            end_of_epoch = bi == spe - 1 or step == total
             if end_of_epoch:
                 epoch_losses.append(ep_sum / max(ep_n, 1))
                 if rank == 0: run.log(step=step, epoch=epoch, epoch_loss=epoch_losses[-1])
@@ -523,6 +539,7 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
                 last_good = step
             _maybe_fault(step, rank)
     bar.close()
+    feed.close()
 
     # ---- final model
     if rank == 0:
@@ -542,18 +559,45 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
     return run.path
 
 # %% ../nbs/05_train.ipynb #861cefdb
-def _batch_source(data: TrainData, order: np.ndarray, b: int, bi0: int, spe: int, cfg: TrainConfig, epoch: int,
-                  rank: int):
-    "Yield `(uint8 images, positions)` for batches bi0 … spe−1 of this rank's epoch order"
-    batches = [order[i * b:(i + 1) * b] for i in range(bi0, spe)]
-    if data.images is not None:
-        for pos in batches: yield data.images[torch.as_tensor(pos)], pos
-        return
-    def init(wid):
-        s = derive_seed(cfg.seed, "worker", epoch, rank, wid); np.random.seed(s % 2**32); torch.manual_seed(s)
-    dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=[p.tolist() for p in batches],
-                                     num_workers=cfg.num_workers, worker_init_fn=init, persistent_workers=False)
-    for (imgs, _, idx), pos in zip(dl, batches): yield imgs, pos
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    '''DataLoader workers per training process: `cfg.num_workers`, or for None none on a CPU device (the compute threads
+    need the cores) and, on an accelerator, this process's share of the cores (torchrun's LOCAL_WORLD_SIZE) less one for
+    itself, at most 8'''
+    if cfg.num_workers is not None: return cfg.num_workers
+    if device.type == "cpu": return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
+
+class _EpochBatches:
+    "A batch sampler whose batches are set per epoch, so that one DataLoader (and its persistent workers) serves all"
+    def __init__(self): self.batches = []
+    def __iter__(self): return iter(self.batches)
+    def __len__(self): return len(self.batches)
+
+class _Feed:
+    '''A training process's batches: a gather from the split held in memory as uint8, or else one DataLoader over the
+    split for the whole run — `loader_workers` persistent workers, 4 batches prefetched per worker, pinned memory on
+    CUDA (so the copy to the device overlaps compute). The positions and their order are the same either way.'''
+    def __init__(self, data: TrainData, cfg: TrainConfig, device: torch.device, rank: int = 0):
+        self.data, self.dl, self.sampler = data, None, _EpochBatches()
+        if data.images is not None: return
+        w, seed = loader_workers(cfg, device), cfg.seed
+        def init(wid):
+            s = derive_seed(seed, "worker", rank, wid); np.random.seed(s % 2**32); torch.manual_seed(s)
+        self.dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=self.sampler, num_workers=w,
+                                              pin_memory=device.type == "cuda", persistent_workers=w > 0,
+                                              prefetch_factor=4 if w else None, worker_init_fn=init if w else None)
+
+    def batches(self, order: np.ndarray, b: int, bi0: int, spe: int):
+        "Yield `(uint8 images, positions)` for batches bi0 … spe−1 of this rank's epoch order"
+        batches = [order[i * b:(i + 1) * b] for i in range(bi0, spe)]
+        if self.dl is None:
+            for pos in batches: yield self.data.images[torch.as_tensor(pos)], pos
+            return
+        self.sampler.batches = [p.tolist() for p in batches]
+        for (imgs, _, _), pos in zip(self.dl, batches): yield imgs, pos
+
+    def close(self): self.dl = None        # persistent workers end with the loader
 
 # %% ../nbs/05_train.ipynb #f3c283c7
 def train(cfg: TrainConfig, run_dir=None, root=None, lock_wait: bool | float = False) -> Path:

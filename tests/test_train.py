@@ -178,6 +178,24 @@ def test_nan_stops_names_step_and_keeps_last_good_checkpoint(tmp_path):
     assert not (run.path / "model").exists()
 
 
+def test_deferred_host_sync_trains_the_same_and_still_stops_on_nan(tmp_path):
+    """host_sync="log" (what a GPU does by default: loss terms to the host only at logging, epoch-end and checkpoint
+    steps) trains bit-identically to a sync per step, logs the same losses, and a NaN between syncs is still caught,
+    named by its own step, with the checkpoint before it kept"""
+    kw = dict(max_steps=None, epochs=2, batch_size=16, dim=16, log_every=4, ckpt_every=4)     # 7 steps per epoch
+    a = train(smoke(host_sync="step", **kw), root=tmp_path / "a")
+    b = train(smoke(host_sync="log", **kw), root=tmp_path / "b")
+    sa, sb = load_json(a / "summary.json"), load_json(b / "summary.json")
+    assert sa["model_sha256"] == sb["model_sha256"] and sa["epoch_losses"] == sb["epoch_losses"]
+    ma, mb = Run(a).metrics(), Run(b).metrics()
+    assert ma.dropna(subset=["loss"])[["step", "loss"]].equals(mb.dropna(subset=["loss"])[["step", "loss"]])
+    cfg = smoke(method="_test_nan", method_kw={"at": 5}, host_sync="log", **kw)     # syncs after steps 3, 6 (epoch end)
+    with pytest.raises(NonFiniteLossError, match="at step 5 .*found at step 6.*last good checkpoint \\(step 4"):
+        train(cfg, root=tmp_path / "c")
+    run = Run(tmp_path / "c" / f"train_old-{cfg.hash()}")
+    assert load_json(run.path / "ckpt" / "last.json")["step"] == 4 and not (run.path / "model").exists()
+
+
 def test_interrupted_in_process_run_resumes_to_identical_model(tmp_path):
     cfg = smoke(method="_test_crash", max_steps=None, epochs=2, batch_size=16, ckpt_every=3, dim=16)   # 7 steps/epoch
     _Crash.armed = None
