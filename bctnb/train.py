@@ -39,7 +39,8 @@ PRESETS = ("smoke", "cpu", "paper")
 @dataclass
 class TrainConfig(Config):
     "Everything that defines a training run; the hash of `identity()` names the run folder"
-    RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every", "host_sync")   # not in the id
+    RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every", "host_sync",
+               "channels_last", "compile")   # not in the run id
     # data
     dataset: str = "emoji"
     data_root: str | None = None
@@ -95,6 +96,8 @@ class TrainConfig(Config):
     in_memory: bool | None = None           # None → hold the split in RAM as uint8 when it fits
     num_workers: int | None = None          # DataLoader workers per process; None → auto (`loader_workers`)
     host_sync: str = "auto"                 # loss terms to the host: "step", "log" (logging/epoch/ckpt steps), "auto"
+    channels_last: bool = False             # backbone and batches in channels_last memory format (off: see the loop docs)
+    compile: bool = False                   # torch.compile the backbone in place (Module.compile; state dict unchanged)
     ckpt_every: int = 100
     keep_ckpts: int = 2
     log_every: int = 10
@@ -424,6 +427,8 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
         freeze(old_bb); freeze(old_head)
     check_method(cfg, method, old_info)     # Method.check: old model given, equal dims, cached features vs augmentation
     backbone.to(dev); head.to(dev)
+    if cfg.channels_last: backbone.to(memory_format=torch.channels_last)
+    if cfg.compile: backbone.compile()
     ctx = MethodContext(old_backbone=old_bb, old_head=old_head, old_info=old_info, new_backbone=backbone, new_head=head,
                         train_set=data.train_set, train_global_labels=data.global_labels.numpy(), split=data.split,
                         precision=prec, seed=cfg.seed, rank=rank, world_size=world, cache_dir=run.path.parent/"_cache",
@@ -476,6 +481,7 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             if step >= total: break
             # augmented on the device: the uint8 batch travels (4× fewer bytes than floats), the draws stay on the CPU
             x, flipped = augment(xu8.to(dev, non_blocking=True), make_generator(cfg.seed, "augment", epoch, bi, rank))
+            if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(step, total, spe, cfg)
             for g in opt.param_groups: g["lr"] = lr
             pos_t = torch.as_tensor(pos)

@@ -12,7 +12,7 @@ epoch-level cost, reported separately. Writes benchmarks/results/methods.json wi
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_methods.py [--quick]
 """
-import argparse, os, random, statistics, sys, tempfile, time
+import argparse, functools, os, random, statistics, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,19 +32,29 @@ TARGET = {"nccl": 1.35, "advbct": 1.35}
 OLD_FORWARD = "old forward"     # not a method: φ_o on the batch (no grad, BN folded, side dtype), timed like one
 
 
-def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0):
+@functools.lru_cache(maxsize=2)
+def _images(n, size, seed):
+    "The synthetic training images (made once per shape: at the GPU benchmark's shape they are 2.5 GB)"
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0, device="cpu", backbones=("cpu_resnet", "cpu_resnet"),
+          size=32, old_head="softmax", head_sm=(30.0, 0.3), clip=None, channels_last=False, compile_backbone=False):
+    '''One method's training step on a fixed batch, through the trainer's `Trainee` (and GradScaler on CUDA). The
+    defaults are the CPU tier's shapes; `benchmarks/bench_gpu.py` passes the paper's (iResNet-18 → iResNet-50 at 112²).'''
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     labels = np.arange(n) % c_new + 1000                  # global labels of the new training set
-    ds = ArrayDataset(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), labels)
-    prec = select_precision("cpu", amp=amp)
-    old = create_backbone("cpu_resnet", dim=dim); old_head = create_head("softmax", dim, c_old)
-    new = create_backbone("cpu_resnet", dim=dim); head = create_head("arcface", dim, c_new, s=30.0, m=0.3)
+    ds = ArrayDataset(_images(n, size, seed), labels)
+    prec = select_precision(device, amp=amp); dev = prec.device
+    old = create_backbone(backbones[0], dim=dim).to(dev); old_head = create_head(old_head, dim, c_old).to(dev)
+    new = create_backbone(backbones[1], dim=dim).to(dev)
+    head = create_head("arcface", dim, c_new, s=head_sm[0], m=head_sm[1]).to(dev)
     aug = BatchAugment(flip=True, rrc_scale=None, jitter=0.0) if source == "cached" else BatchAugment()
     old_classes = np.arange(c_old) + 1000 - c_old // 2     # half seen, half not: BCT synthesizes rows
     ctx = MethodContext(old_backbone=old, old_head=old_head, old_info={"label_map": old_classes, "dim": dim},
                         new_backbone=new, new_head=head, train_set=ds, train_global_labels=labels, precision=prec,
-                        seed=seed, augment=aug, epochs=25, steps_per_epoch=n // b, batch_size=b, cache_dir=cache)
+                        seed=seed, augment=aug, epochs=25, steps_per_epoch=n // b, batch_size=b, cache_dir=cache,
+                        device=dev)
     # the old forward alone is timed through an online method's own `old_feats` (L2's: it adds nothing to the forward)
     if name == OLD_FORWARD: m = get_method("l2", old_source="online")
     else: m = get_method(name, **({"old_source": source} if "old_source" in get_method(name).hparams else {}))
@@ -52,22 +62,31 @@ def build(name, source, n, c_new, c_old, b, dim, amp, cache, seed=0):
     t = time.perf_counter(); m.on_epoch_start(ctx.epochs - 1, ctx); epoch_s = time.perf_counter() - t
     if hasattr(m, "push"):                                 # NCCL at steady state: a full queue of K entries
         qg = torch.Generator().manual_seed(2)
-        m.push(torch.nn.functional.normalize(torch.randn(m.K, dim, generator=qg), dim=1),
-               torch.nn.functional.normalize(torch.randn(m.K, c_new, generator=qg), dim=1), torch.randint(0, c_new, (m.K,), generator=qg))
-    trainee = Trainee(new, head, m, prec, frozen=[old, old_head])
+        m.push(torch.nn.functional.normalize(torch.randn(m.K, dim, generator=qg), dim=1).to(dev),
+               torch.nn.functional.normalize(torch.randn(m.K, c_new, generator=qg), dim=1).to(dev),
+               torch.randint(0, c_new, (m.K,), generator=qg).to(dev))
+    m.to(dev)
+    trainee = Trainee(torch.compile(new) if compile_backbone else new, head, m, prec, frozen=[old, old_head])
     opt = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    scaler = prec.scaler()
     trainee.train()
     # the same batch for every method
-    x, flipped = aug(ds.images[:b], torch.Generator().manual_seed(1))
-    y = torch.as_tensor(labels[:b]); fields = dict(labels=y - 1000, global_labels=y, index=torch.arange(b), flipped=flipped,
-                                                    epoch=ctx.epochs - 1, step=100, total_steps=25 * (n // b),
-                                                    steps_per_epoch=n // b, epochs=ctx.epochs)
+    x, flipped = aug(ds.images[:b].to(dev), torch.Generator().manual_seed(1))
+    if channels_last:
+        for mod in (old, new): mod.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.as_tensor(labels[:b]).to(dev)
+    fields = dict(labels=y - 1000, global_labels=y, index=torch.arange(b, device=dev), flipped=flipped,
+                  epoch=ctx.epochs - 1, step=100, total_steps=25 * (n // b), steps_per_epoch=n // b, epochs=ctx.epochs)
 
     def step():
         terms = trainee(x, **fields); loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward()
+        if clip:                                           # the trainer's clip_grad (paper face preset: 5)
+            scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(new.parameters(), clip)
+        scaler.step(opt); scaler.update()
     if name == OLD_FORWARD:                                # the online old features alone: what every online method adds
-        batch = Batch(images=x, feats=torch.zeros(b, dim), head=head, **fields)
+        batch = Batch(images=x, feats=torch.zeros(b, dim, device=dev), head=head, **fields)
         def step(): m.old_feats(batch)
     return step, setup_s, epoch_s, getattr(m, "source", None) == "online" and name != OLD_FORWARD
 

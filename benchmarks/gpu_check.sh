@@ -17,3 +17,7 @@ python3 -c 'import json; from bctnb.runs import environment; print(json.dumps(en
 # the CUDA correctness tests (tests/test_cuda.py; skipped on machines without a GPU)
 timeout 400 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -o addopts="-ra" \
   --junitxml "$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.txt"
+# the GPU benchmark (benchmarks/bench_gpu.py): throughput, utilisation, method ratios, input pipeline, arcface_torch's
+# step beside ours -> benchmarks/results/gpu.json, copied to $OUT so it comes back with the reply
+timeout 330 python3 benchmarks/bench_gpu.py 2>&1 | tee "$OUT/bench_gpu.txt"
+cp benchmarks/results/gpu.json "$OUT/gpu.json" 2>/dev/null || echo "bench_gpu.py wrote no gpu.json" | tee -a "$OUT/bench_gpu.txt"

@@ -70,3 +70,18 @@ def test_faiss_gpu_equals_cpu_on_a_100k_gallery():
     Dc, Ic = faiss.knn(Q, G, 10, metric=faiss.METRIC_INNER_PRODUCT)
     np.testing.assert_allclose(Dg, Dc, atol=1e-5)
     assert (Ig == Ic).mean() > 0.999                        # ties in the last place may swap neighbours
+
+
+def test_channels_last_compile_and_deferred_sync_on_gpu(tmp_path):
+    """The GPU defaults and options: host syncs only at logging steps (host_sync="auto" on CUDA) train the same model as
+    a sync per step; channels_last and torch.compile runs finish with finite losses close to the plain run's"""
+    kw = dict(max_steps=8, log_every=4, epochs=2)
+    a = train(cfg(host_sync="step", **kw), root=tmp_path / "a")
+    b = train(cfg(**kw), root=tmp_path / "b")                                  # auto: deferred on CUDA
+    la = Run(a).metrics().dropna(subset=["loss"]).set_index("step")["loss"]
+    lb = Run(b).metrics().dropna(subset=["loss"]).set_index("step")["loss"]
+    assert la.index.equals(lb.index) and np.allclose(la, lb, rtol=1e-5)         # same steps logged, same losses
+    for opt in ({"channels_last": True}, {"compile": True}):
+        r = train(cfg(**kw, **opt), root=tmp_path / next(iter(opt)))
+        lr = Run(r).metrics().dropna(subset=["loss"]).set_index("step")["loss"]
+        assert Run(r).done and np.isfinite(lr).all() and np.allclose(lr, la, rtol=0.05), (opt, lr.tolist(), la.tolist())

@@ -196,6 +196,15 @@ def test_deferred_host_sync_trains_the_same_and_still_stops_on_nan(tmp_path):
     assert load_json(run.path / "ckpt" / "last.json")["step"] == 4 and not (run.path / "model").exists()
 
 
+def test_channels_last_option_trains_the_same_model_to_rounding(tmp_path):
+    "channels_last (a runtime option: same run id) changes only the memory layout, so the losses agree to rounding"
+    kw = dict(max_steps=4, batch_size=16, dim=16)
+    a, b = train(smoke(**kw), root=tmp_path / "a"), train(smoke(channels_last=True, **kw), root=tmp_path / "b")
+    assert a.name == b.name                                                    # not in the run id
+    la, lb = (Run(r).metrics().dropna(subset=["loss"])["loss"].to_numpy() for r in (a, b))
+    assert len(la) == len(lb) == 4 and np.allclose(la, lb, rtol=1e-3)
+
+
 def test_interrupted_in_process_run_resumes_to_identical_model(tmp_path):
     cfg = smoke(method="_test_crash", max_steps=None, epochs=2, batch_size=16, ckpt_every=3, dim=16)   # 7 steps/epoch
     _Crash.armed = None
