@@ -82,7 +82,8 @@ def torchrun(target: str = "bctnb.train", config: Config | None = None, nproc: i
           "torchrun needs a config object (e.g. bctnb.train.TrainConfig)")
     nproc = getattr(config, "nproc", 1) if nproc is None else nproc
     nnodes = getattr(config, "nnodes", 1) if nnodes is None else nnodes
-    check_nproc(nproc, device or getattr(config, "device", "auto"))
+    # gloo ranks may share a GPU (the trainer maps them round-robin): then only the CPU cores bound the process count
+    check_nproc(nproc, "cpu" if getattr(config, "dist_backend", "auto") == "gloo" else device or getattr(config, "device", "auto"))
     check(isinstance(nnodes, int) and nnodes >= 1, f"nnodes={nnodes!r} must be a positive integer")
     check(isinstance(max_restarts, int) and max_restarts >= 0, f"max_restarts={max_restarts!r} must be an integer >= 0")
     RunLock.check_wait(lock_wait)

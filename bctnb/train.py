@@ -40,7 +40,7 @@ PRESETS = ("smoke", "cpu", "paper")
 class TrainConfig(Config):
     "Everything that defines a training run; the hash of `identity()` names the run folder"
     RUNTIME = ("device", "num_workers", "in_memory", "ckpt_every", "keep_ckpts", "log_every", "host_sync",
-               "channels_last", "compile")   # not in the run id
+               "channels_last", "compile", "dist_backend")   # not in the run id
     # data
     dataset: str = "emoji"
     data_root: str | None = None
@@ -98,6 +98,7 @@ class TrainConfig(Config):
     host_sync: str = "auto"                 # loss terms to the host: "step", "log" (logging/epoch/ckpt steps), "auto"
     channels_last: bool = False             # backbone and batches in channels_last memory format (off: see the loop docs)
     compile: bool = False                   # torch.compile the backbone in place (Module.compile; state dict unchanged)
+    dist_backend: str = "auto"              # "auto": nccl on CUDA, gloo on CPU; "gloo" on CUDA lets ranks share a GPU
     ckpt_every: int = 100
     keep_ckpts: int = 2
     log_every: int = 10
@@ -115,6 +116,7 @@ class TrainConfig(Config):
         check_choice("optimizer", self.optimizer, ["sgd", "adam"])
         check_choice("preset", self.preset, PRESETS)
         check_choice("host_sync", self.host_sync, ["auto", "step", "log"])
+        check_choice("dist_backend", self.dist_backend, ["auto", "nccl", "gloo"])
         for k in ("dim", "epochs", "batch_size", "nproc", "nnodes", "ckpt_every", "keep_ckpts", "log_every"):
             v = getattr(self, k)
             check(isinstance(v, int) and v >= 1, f"{k}={v!r} must be a positive integer")
@@ -276,10 +278,12 @@ def init_distributed(cfg: TrainConfig):
     "Process group (if launched by torchrun), precision and seeds; returns `(DistInfo, Precision)`"
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
-    prec = select_precision(cfg.device, cfg.amp, info.local_rank)
+    # ranks beyond the GPU count share GPUs round-robin (only gloo allows it; the launcher refuses it for nccl)
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
+    prec = select_precision(cfg.device, cfg.amp, info.local_rank % gpus if gpus else info.local_rank)
     if prec.device.type == "cuda": torch.cuda.set_device(prec.device)
     if info.distributed and not dist.is_initialized():
-        _init_process_group(prec.backend, info)
+        _init_process_group(prec.backend if cfg.dist_backend == "auto" else cfg.dist_backend, info)
     if info.world_size != cfg.world_size:
         raise ConfigError(f"the run was configured for nproc×nnodes={cfg.world_size} processes but torchrun started "
                           f"{info.world_size}. Launch with nproc={cfg.nproc}, nnodes={cfg.nnodes}, or change the "

@@ -52,6 +52,16 @@ def test_killed_worker_resumes_on_cuda(tmp_path):
     assert b["steps"] == a["steps"] and b["epoch_losses"] == a["epoch_losses"] and b == a
 
 
+def test_two_process_ddp_on_one_gpu(tmp_path):
+    "2 DDP ranks on one GPU through torchrun (gloo, which lets ranks share a device): the run finishes, 6 finite losses"
+    kw = dict(max_steps=6, batch_size=16, deterministic=True)
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    two = torchrun("bctnb.train", cfg(nproc=2, dist_backend="gloo", **kw), run_root=tmp_path / "two", echo=False, env=env)
+    assert Run(two).done and Run(two).status["world_size"] == 2
+    rows = Run(two).metrics().dropna(subset=["loss"])
+    assert len(rows) == 6 and np.isfinite(rows["loss"]).all()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL refuses two ranks on one GPU: needs 2 GPUs")
 def test_two_process_ddp(tmp_path):
     run = torchrun("bctnb.train", cfg(max_steps=6, nproc=2, batch_size=16), run_root=tmp_path, echo=False)
