@@ -123,19 +123,31 @@ BASELINES = ("independent", "fct", "bridge_lstsq", "bridge_ridge", "bridge_procr
 def plan_fair(selection: pd.DataFrame, scale: str = "quick", scenarios: Sequence[str] = ("open-class",),
               seeds: Sequence[int] | None = None, dataset: str = "emoji", tuned_on: str = "open-class",
               methods: Sequence[str] | None = None, val_ratio: float = 0.1, extra: dict | None = None,
+              old_variants: Sequence[str] = ("softmax128",), other_methods: Sequence[str] | None = None,
               **plan_kw) -> list[Job]:
-    """Jobs of the fair study: per tuned method (default all of `GRIDS`) the reference and the validated spec (from
+    '''Jobs of the fair study: per tuned method (default all of `GRIDS`) the reference and the validated spec (from
     `selection`, the tuning study's choice on `tuned_on`), plus the `BASELINES`, with the tuning's validation classes
-    held out; evaluated on the test classes"""
+    held out; evaluated on the test classes. `other_methods` (None: every method everywhere) sizes the study: every
+    method runs on `tuned_on` with the first old variant; only `other_methods` run on the other scenarios (with the
+    first old variant) and with the other old variants (on `tuned_on`), e.g. the methods a claim is about.'''
     sel = selection[selection["scenario"] == tuned_on]
-    specs = list(BASELINES)
-    for m in (list(GRIDS) if methods is None else methods):
-        check_choice("tuned method", m, GRIDS)
-        specs.append(reference_spec(m))
-        c = sel.loc[sel["method"] == m, "chosen"]
-        if len(c) and isinstance(c.iloc[0], str) and c.iloc[0] != reference_spec(m): specs.append(c.iloc[0])
-    return plan_study(scale, scenarios, specs, seeds=seeds, dataset=dataset,
-                      extra={**(extra or {}), "val_ratio": val_ratio}, **plan_kw)
+    def specs(ms):
+        out = list(BASELINES)
+        for m in (list(GRIDS) if ms is None else ms):
+            check_choice("tuned method", m, GRIDS)
+            out.append(reference_spec(m))
+            c = sel.loc[sel["method"] == m, "chosen"]
+            if len(c) and isinstance(c.iloc[0], str) and c.iloc[0] != reference_spec(m): out.append(c.iloc[0])
+        return out
+    kw = dict(seeds=seeds, dataset=dataset, extra={**(extra or {}), "val_ratio": val_ratio}, **plan_kw)
+    if other_methods is None: return plan_study(scale, scenarios, specs(methods), old_variants=old_variants, **kw)
+    main, rest = [s for s in scenarios if s == tuned_on], [s for s in scenarios if s != tuned_on]
+    jobs = plan_study(scale, main, specs(methods), old_variants=old_variants[:1], **kw) if main else []
+    if rest: jobs += plan_study(scale, rest, specs(other_methods), old_variants=old_variants[:1], **kw)
+    if main and len(old_variants) > 1:
+        jobs += plan_study(scale, main, specs(other_methods), old_variants=old_variants[1:], **kw)
+    seen = set()
+    return [j for j in jobs if not (j.id in seen or seen.add(j.id))]         # old jobs shared by the parts: once
 
 def fair_table(results: pd.DataFrame, selection: pd.DataFrame, tuned_on: str = "open-class",
                metric: str = "mAP") -> pd.DataFrame:
