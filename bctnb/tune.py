@@ -131,6 +131,10 @@ def plan_fair(selection: pd.DataFrame, scale: str = "quick", scenarios: Sequence
     method runs on `tuned_on` with the first old variant; only `other_methods` run on the other scenarios (with the
     first old variant) and with the other old variants (on `tuned_on`), e.g. the methods a claim is about.'''
     sel = selection[selection["scenario"] == tuned_on]
+    # a tuned method asked for the hot-refresh sweep gets it at both settings
+    rm = list(plan_kw.pop("refresh_methods", ()))
+    plan_kw["refresh_methods"] = rm + [c for m in rm if m in GRIDS
+                                       for c in sel.loc[sel["method"] == m, "chosen"] if isinstance(c, str)]
     def specs(ms):
         out = list(BASELINES)
         for m in (list(GRIDS) if ms is None else ms):

@@ -218,6 +218,13 @@ def test_tune_then_fair_notebooks_smoke(tmp_path, runs):
     assert res["l2"]["new_run"] == tres["l2"]["new_run"]                                          # … of the same model
     readme = (reports / "fair_s" / "README.md").read_text()
     assert "## Validated − reference (test classes, paired by seed)" in readme and "## Verdicts" in readme
+    # the README's claims table from the study folder: every claim gets a verdict; what this study did not run is
+    # "not tested here", with why
+    from bctnb.claims import CLAIMS, claims_table
+    ct = claims_table({"synthetic": (reports / "fair_s", {"l2": chosen})}).set_index("claim")
+    assert list(ct.index) == list(CLAIMS.values())
+    assert ct.loc[CLAIMS["independent"], "synthetic"].startswith(("**holds**", "**does not hold**"))
+    assert ct.loc[CLAIMS["mixbct_weak"], "synthetic"].startswith("**not tested here (no 'weak128' old model")
 
 
 @pytest.mark.slow
