@@ -6,14 +6,15 @@ Docs: https://bctnb.github.io/bctnb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #1489a87f
 from __future__ import annotations
-import math, json
+import difflib, math, json
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['BACKBONES', 'HEAD_KINDS', 'HEAD_DEFAULTS', 'HEADS', 'MODEL_FORMAT', 'Backbone', 'create_backbone', 'list_backbones',
            'num_params', 'IBlock', 'IResNet', 'iresnet18', 'iresnet50', 'iresnet100', 'GeM', 'Bottleneck', 'ResNetGeM',
-           'resnet50_gem', 'resnet101_gem', 'BasicBlock', 'CPUResNet', 'cpu_resnet', 'arcface_psi', 'head_logits',
-           'Head', 'create_head', 'EmbeddingModel', 'save_model', 'load_model', 'extract_features']
+           'resnet50_gem', 'resnet101_gem', 'BasicBlock', 'CPUResNet', 'cpu_resnet', 'TimmBackbone', 'timm_backbone',
+           'arcface_psi', 'head_logits', 'Head', 'create_head', 'EmbeddingModel', 'save_model', 'load_model',
+           'extract_features']
 
 # %% ../nbs/02_models.ipynb #d84c6327
 import numpy as np
@@ -25,7 +26,16 @@ from .core import (ConfigError, NotFoundError, IntegrityError, Registry, check, 
                         atomic_path, save_json, sha256_file, progress, Precision)
 
 # %% ../nbs/02_models.ipynb #f8b1f0de
-BACKBONES = Registry("backbone")
+class _BackboneRegistry(Registry):
+    "The backbone registry, and `timm:<architecture>`: any timm model as a backbone (`timm_backbone`)"
+    def get(self, name: str):
+        if str(name).startswith("timm:"):
+            _timm_model(str(name)[5:])              # timm importable and the architecture known, or a ConfigError now
+            return lambda dim, **kw: timm_backbone(str(name)[5:], dim, **kw)
+        return super().get(name)
+    def __contains__(self, name): return str(name).startswith("timm:") or super().__contains__(name)
+
+BACKBONES = _BackboneRegistry("backbone")
 
 class Backbone(nn.Module):
     "Base class: `forward(x: B×3×H×W float) -> B×dim` raw embedding; `.dim`, `.input_size`, `.config`"
@@ -175,6 +185,34 @@ class CPUResNet(Backbone):
 
 @BACKBONES.register("cpu_resnet")
 def cpu_resnet(dim=128, **kw): return CPUResNet(dim, **kw)
+
+def _timm_model(arch: str):
+    "timm's module, after checking that it imports and knows `arch` (else a ConfigError that names the fix)"
+    try: import timm
+    except Exception as e:                          # not installed, or broken (e.g. a torchvision built for another torch)
+        raise ConfigError(f"backbone 'timm:{arch}' needs the timm package, which does not import here "
+                          f"({type(e).__name__}: {e}). Install it (pip install timm, with a torchvision matching your "
+                          f"torch) or use a built-in backbone: {', '.join(BACKBONES.names())}") from e
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise ConfigError(f"timm has no architecture '{arch}'" + (f"; did you mean {', '.join(close)}?" if close else
+                          "; timm.list_models() lists them"))
+    return timm
+
+class TimmBackbone(Backbone):
+    "A timm architecture (random init, classifier removed) + Linear(num_features, d) + BN1d"
+    def __init__(self, arch: str, dim: int = 512, input_size: int | None = None, **timm_kw):
+        super().__init__()
+        timm = _timm_model(arch)
+        # pretrained=False: weights are never downloaded (a run must not reach a hub); num_classes=0: pooled features
+        self.body = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kw)
+        cfg_size = (getattr(self.body, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        self.dim, self.input_size = dim, int(input_size or cfg_size)
+        self.fc = nn.Linear(self.body.num_features, dim)
+        self.features = nn.BatchNorm1d(dim)
+    def forward(self, x): return self.features(self.fc(self.body(x)))
+
+def timm_backbone(arch: str, dim: int = 512, **kw) -> TimmBackbone: return TimmBackbone(arch, dim, **kw)
 
 # %% ../nbs/02_models.ipynb #57950674
 HEAD_KINDS = ("softmax", "normface", "cosface", "arcface")

@@ -15,7 +15,7 @@ nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c 'import json; from bctnb.runs import environment; print(json.dumps(environment(), indent=1))' \
   | tee "$OUT/env.json"
 # the CUDA correctness tests (tests/test_cuda.py; skipped on machines without a GPU)
-timeout 400 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -o addopts="-ra" \
+timeout 400 python3 -m pytest -q tests/test_cuda.py tests/test_models.py::test_timm_backbone_trains_saves_and_loads -p no:cacheprovider -o addopts="-ra" \
   --junitxml "$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.txt"
 # the GPU benchmark (benchmarks/bench_gpu.py): throughput, utilisation, method ratios, input pipeline, arcface_torch's
 # step beside ours -> benchmarks/results/gpu.json, copied to $OUT so it comes back with the reply

@@ -151,3 +151,24 @@ def test_extract_features_eval_mode_no_bn_update_and_dataset_equals_tensor():
 def test_extract_features_bad_flip():
     with pytest.raises(ConfigError, match="flip='both'"):
         extract_features(create_backbone("cpu_resnet", dim=8), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), flip="both")
+
+
+def _timm_imports():
+    try: import timm  # noqa: F401
+    except Exception: return False
+    return True
+
+
+@pytest.mark.skipif(not _timm_imports(), reason="timm does not import here (benchmarks/gpu_check.sh runs this on the "
+                                                "device image, which has timm)")
+def test_timm_backbone_trains_saves_and_loads(tmp_path):
+    "A timm architecture as the backbone: random init, two training steps through the trainer, the same embedding after load"
+    from bctnb.train import TrainConfig, train
+    cfg = TrainConfig.make("smoke", "old", dataset="synthetic", dataset_kw={"num_classes": 20, "per_class": 8},
+                           backbone="timm:resnet18", dim=32, max_steps=2)
+    run = train(cfg, root=tmp_path)
+    bb, _, info = load_model(run)
+    assert info["backbone"]["name"] == "timm:resnet18" and bb.dim == 32
+    x = torch.randn(3, 3, 32, 32)
+    again, _, _ = load_model(run)
+    torch.testing.assert_close(bb.eval()(x), again.eval()(x))
