@@ -198,15 +198,20 @@ def plan_chain(scale: str, methods: Sequence[str], seeds: Sequence[int] | None =
 
 # %% ../nbs/08_study.ipynb #d8eb4ff9
 def chain_matrix(runs: Sequence, method: str | None = None, post_epochs: int | None = None,
-                 metric: str = "mAP") -> dict:
-    """The compatibility matrix of an upgrade chain `runs` = [old, v1, v2, …] (run folders, each trained against the
-    one before; the test classes of the last one's split): {"C", "models"} plus `compatibility_summary`"""
+                 metric: str = "mAP", scale: str | None = None) -> dict:
+    '''The compatibility matrix of an upgrade chain `runs` = [old, v1, v2, …] (run folders, each trained against the
+    one before; the test classes of the last one's split): {"C", "models"} plus `compatibility_summary`. A method with
+    a post stage uses the h its stage results used: pass the study's `scale` (its post-stage epochs; `plan_chain`'s
+    jobs fit h with them), or `post_epochs`; by default the runs' preset's epochs.'''
     from bctnb.compat import compatibility_summary
     from bctnb.losses import gallery_fn
     from bctnb.protocols import PROTOCOLS, _protocol_features
     from bctnb.train import TrainConfig
+    from bctnb.losses import METHODS
     runs = [Path(r) for r in runs]
     check(len(runs) >= 2, "chain_matrix needs at least an old and one new run")
+    cls = METHODS.get(parse_method(method)[0] if method else TrainConfig.from_stored(Run(runs[-1]).config).method)
+    if post_epochs is None and scale is not None and cls.has_post_stage(): post_epochs = cls.post_stage_epochs(scale)
     cfgs = [TrainConfig.from_stored(Run(r).config) for r in runs]
     data = PROTOCOLS["cpu_tier"](config=cfgs[-1])
     F = [_protocol_features(r/"model", data)[0] for r in runs]

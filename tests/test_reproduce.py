@@ -313,7 +313,9 @@ def test_upgrade_chain_study(tmp_path, runs):
     for m in ("bct", "fct"):
         runs_m = [Path(runs) / res[(m, "v1")]["old_run"], Path(runs) / res[(m, "v1")]["new_run"],
                   Path(runs) / res[(m, "v2")]["new_run"]]
-        cm = chain_matrix(runs_m, method=m)
+        before = sorted(p.name for r in runs_m for p in r.glob("*.safetensors"))
+        cm = chain_matrix(runs_m, method=m, scale="smoke")
+        assert sorted(p.name for r in runs_m for p in r.glob("*.safetensors")) == before     # the stages' h, not a refit
         C = np.array(cm["C"])
         assert C[1, 0] == res[(m, "v1")]["metrics"]["cross"]["mAP"] and C[2, 1] == res[(m, "v2")]["metrics"]["cross"]["mAP"]
         assert C[1, 1] == res[(m, "v1")]["metrics"]["self"]["mAP"] and np.isfinite(C[2, 0]) and {"AC", "BC", "FC"} <= set(cm)
