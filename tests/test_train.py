@@ -153,8 +153,9 @@ def test_batch_handed_to_method(tmp_path):
 
 
 def test_dataloader_path_equals_in_memory_path(tmp_path):
-    "Datasets too big for RAM go through a DataLoader with seeded workers: same rows, same order, same model"
-    kw = dict(max_steps=5, batch_size=16, dim=16)
+    """Datasets too big for RAM go through one DataLoader whose worker persists across epochs: same rows, same order,
+    same model as the in-memory gather (two epochs, so the second epoch's batches reach the same worker)"""
+    kw = dict(max_steps=None, epochs=2, batch_size=16, dim=16)
     a = train(smoke(in_memory=True, **kw), root=tmp_path / "a")
     b = train(smoke(in_memory=False, num_workers=1, **kw), root=tmp_path / "b")
     sa, sb = load_json(a / "summary.json"), load_json(b / "summary.json")
