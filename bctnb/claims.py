@@ -140,6 +140,8 @@ def claims_table(studies: dict) -> pd.DataFrame:
     for ds, (dirs, sel) in studies.items():
         dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]
         res = pd.concat([load_results(d) for d in dirs], ignore_index=True)
+        if res.empty:
+            cols[ds] = ["**not tested here** (no fair-study results on this dataset yet)"] * len(CLAIMS); continue
         ref = pd.concat([refresh_frames(d)[1] for d in dirs], ignore_index=True)
         v, r = claim_verdicts(res, ref, sel, "validated"), claim_verdicts(res, ref, sel, "reference")
         cols[ds] = [f"**{v[c][0]}**" + (f": {v[c][1]}" if v[c][1] else "")
