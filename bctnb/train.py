@@ -13,8 +13,8 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['ROLES', 'SCHEDULES', 'PRESETS', 'PAPER_DOMAINS', 'FAULT_ENV', 'TrainConfig', 'preset_defaults', 'check_method',
-           'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'TrainData', 'prepare_data', 'epoch_order',
-           'Trainee', 'freeze', 'NonFiniteLossError', 'build_optimizer', 'loader_workers', 'train', 'main']
+           'old_model_id', 'lr_at', 'DistInfo', 'init_distributed', 'Trainee', 'freeze', 'NonFiniteLossError',
+           'build_optimizer', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #a42a62dc
 import numpy as np
@@ -30,6 +30,7 @@ from .checkpoint import save_checkpoint, load_checkpoint, _rng_json, _rng_from_j
 from .models import BACKBONES, HEADS, create_backbone, create_head, load_model, save_model
 from .data import DATASETS, BatchAugment, config_split, dataset_args, load_dataset, SCENARIOS
 from .losses import METHODS, Batch, MethodContext, Method, get_method, method_identity
+from .feed import TrainData, prepare_data, _check_batches, epoch_order, loader_workers, _Feed
 
 # %% ../nbs/05_train.ipynb #be490d28
 ROLES = ("old", "new")
@@ -291,52 +292,6 @@ def init_distributed(cfg: TrainConfig):
     seed_everything(cfg.seed, info.rank, cfg.deterministic)
     return info, prec
 
-# %% ../nbs/05_train.ipynb #7fe74bd3
-@dataclass
-class TrainData:
-    dataset: Any
-    split: Any
-    train_set: Any
-    positions: np.ndarray          # dataset positions of the training rows
-    labels: torch.Tensor           # split labels
-    global_labels: torch.Tensor
-    label_map: np.ndarray          # global label of each head row
-    images: torch.Tensor | None    # N×3×H×W uint8 when held in memory
-
-    @property
-    def num_classes(self): return len(self.label_map)
-
-def prepare_data(cfg: TrainConfig) -> TrainData:
-    "Dataset, split and the role's training rows"
-    ds = load_dataset(cfg.dataset, root=cfg.data_root, **cfg.dataset_kw)
-    split = config_split(cfg, ds)
-    pos = np.asarray(split.indices(cfg.role), dtype=np.int64)
-    check(len(pos) > 0, f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) is empty; use a larger dataset or "
-                        "another scenario")
-    train_set = ds.subset(pos)
-    images = None
-    if cfg.in_memory is not False:
-        try: images = train_set.images_uint8()
-        except BctnbError:
-            if cfg.in_memory: raise
-        except (MemoryError, NotImplementedError):
-            if cfg.in_memory: raise ConfigError(f"in_memory=True but {cfg.dataset}'s {cfg.role} split does not fit in "
-                                                "memory; use in_memory=None") from None
-    return TrainData(ds, split, train_set, pos, torch.as_tensor(split.split_labels(cfg.role)),
-                     torch.as_tensor(split.global_labels(cfg.role)), np.asarray(split.label_map(cfg.role)), images)
-
-def _check_batches(n: int, cfg: TrainConfig):
-    check(n // cfg.world_size // (cfg.batch_size // cfg.world_size) >= 1,
-          f"the {cfg.role} split of {cfg.dataset} ({cfg.scenario}) has {n} images, fewer than one global batch of "
-          f"{cfg.batch_size}; lower batch_size to at most {n} (papermill: -p batch_size <n>) or use a larger dataset")
-
-def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-    "This rank's training-row order for `epoch` (DistributedSampler: seeded shuffle, drop-last)"
-    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                                  drop_last=True)
-    sampler.set_epoch(epoch)
-    return np.fromiter(iter(sampler), dtype=np.int64)
-
 # %% ../nbs/05_train.ipynb #66d795c0
 class Trainee(nn.Module):
     "backbone + head + method; `forward(x, **batch_fields) -> dict of loss terms`"
@@ -567,47 +522,6 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
         run.finish(final_loss=summary["final_loss"], steps=step)
     if world > 1: dist.barrier()
     return run.path
-
-# %% ../nbs/05_train.ipynb #861cefdb
-def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
-    '''DataLoader workers per training process: `cfg.num_workers`, or for None none on a CPU device (the compute threads
-    need the cores) and, on an accelerator, this process's share of the cores (torchrun's LOCAL_WORLD_SIZE) less one for
-    itself, at most 8'''
-    if cfg.num_workers is not None: return cfg.num_workers
-    if device.type == "cpu": return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
-
-class _EpochBatches:
-    "A batch sampler whose batches are set per epoch, so that one DataLoader (and its persistent workers) serves all"
-    def __init__(self): self.batches = []
-    def __iter__(self): return iter(self.batches)
-    def __len__(self): return len(self.batches)
-
-class _Feed:
-    '''A training process's batches: a gather from the split held in memory as uint8, or else one DataLoader over the
-    split for the whole run — `loader_workers` persistent workers, 4 batches prefetched per worker, pinned memory on
-    CUDA (so the copy to the device overlaps compute). The positions and their order are the same either way.'''
-    def __init__(self, data: TrainData, cfg: TrainConfig, device: torch.device, rank: int = 0):
-        self.data, self.dl, self.sampler = data, None, _EpochBatches()
-        if data.images is not None: return
-        w, seed = loader_workers(cfg, device), cfg.seed
-        def init(wid):
-            s = derive_seed(seed, "worker", rank, wid); np.random.seed(s % 2**32); torch.manual_seed(s)
-        self.dl = torch.utils.data.DataLoader(data.train_set, batch_sampler=self.sampler, num_workers=w,
-                                              pin_memory=device.type == "cuda", persistent_workers=w > 0,
-                                              prefetch_factor=4 if w else None, worker_init_fn=init if w else None)
-
-    def batches(self, order: np.ndarray, b: int, bi0: int, spe: int):
-        "Yield `(uint8 images, positions)` for batches bi0 … spe−1 of this rank's epoch order"
-        batches = [order[i * b:(i + 1) * b] for i in range(bi0, spe)]
-        if self.dl is None:
-            for pos in batches: yield self.data.images[torch.as_tensor(pos)], pos
-            return
-        self.sampler.batches = [p.tolist() for p in batches]
-        for (imgs, _, _), pos in zip(self.dl, batches): yield imgs, pos
-
-    def close(self): self.dl = None        # persistent workers end with the loader
 
 # %% ../nbs/05_train.ipynb #f3c283c7
 def train(cfg: TrainConfig, run_dir=None, root=None, lock_wait: bool | float = False) -> Path:

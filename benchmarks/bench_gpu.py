@@ -12,7 +12,7 @@
    image per class, 65,536 images; old features cached where a method can, as the flip-only face recipe allows; NCCL
    with a full K = 8192 queue), paired in rounds as in `bench_methods.py`.
 4. **Input pipeline**: a synthetic RecordIO in MS1MV3's exact layout (112×112 JPEGs, identity records, `property`),
-   read by the trainer's own feed (`bctnb.train._Feed`: DataLoader workers, pinned memory) and copied to the GPU with
+   read by the trainer's own feed (`bctnb.feed._Feed`: DataLoader workers, pinned memory) and copied to the GPU with
    the flip augmentation on the device — images/s with no workers and with the automatic worker count.
 5. **insightface arcface_torch's training step** on the same batch, rebuilt from its published code (not vendored):
    the backbone under fp16 autocast except its final fc/BatchNorm1d in fp32, PartialFC v2 at sample rate 1 (normalised
@@ -115,7 +115,8 @@ def input_pipeline(sh, dev, workdir):
     "Images/s of the trainer's feed over a synthetic MS1MV3-layout RecordIO, to the device, flip on the device"
     from PIL import Image
     from bctnb.benchmarks import write_recordio
-    from bctnb.train import TrainConfig, _Feed, _augment, loader_workers, prepare_data
+    from bctnb.feed import _Feed, loader_workers, prepare_data
+    from bctnb.train import TrainConfig, _augment
     from bctnb.core import make_generator
     rng = np.random.default_rng(0)
     base = []
