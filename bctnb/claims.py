@@ -144,7 +144,8 @@ def claims_table(studies: dict) -> pd.DataFrame:
             cols[ds] = ["**not tested here** (no fair-study results on this dataset yet)"] * len(CLAIMS); continue
         ref = pd.concat([refresh_frames(d)[1] for d in dirs], ignore_index=True)
         v, r = claim_verdicts(res, ref, sel, "validated"), claim_verdicts(res, ref, sel, "reference")
-        cols[ds] = [f"**{v[c][0]}**" + (f": {v[c][1]}" if v[c][1] else "")
+        bold = lambda x: f"**{x}**" if not x.startswith("not tested here") else f"**not tested here**{x[15:]}"
+        cols[ds] = [bold(v[c][0]) + (f": {v[c][1]}" if v[c][1] else "")
                     + (f" (reference settings: {r[c][0]})" if r[c][0] != v[c][0] else "") for c in CLAIMS]
     return pd.DataFrame({"claim": list(CLAIMS.values()), "rule (holds when …)": [RULES[c] for c in CLAIMS], **cols})
 

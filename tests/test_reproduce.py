@@ -224,7 +224,7 @@ def test_tune_then_fair_notebooks_smoke(tmp_path, runs):
     ct = claims_table({"synthetic": (reports / "fair_s", {"l2": chosen})}).set_index("claim")
     assert list(ct.index) == list(CLAIMS.values())
     assert ct.loc[CLAIMS["independent"], "synthetic"].startswith(("**holds**", "**does not hold**"))
-    assert ct.loc[CLAIMS["mixbct_weak"], "synthetic"].startswith("**not tested here (no 'weak128' old model")
+    assert ct.loc[CLAIMS["mixbct_weak"], "synthetic"].startswith("**not tested here** (no 'weak128' old model")
     # the pipeline notebook writes the table; a dataset without fair-study results is "not tested here" throughout
     _papermill("claims.ipynb", tmp_path / "c.ipynb", studies={"synthetic": ["fair_s"], "none": ["fair_none"]},
                tunings={"synthetic": "tune_s"}, reports=str(reports))
