@@ -117,8 +117,9 @@ def validated_specs(selection: pd.DataFrame, scenario: str) -> list[str]:
     return g["chosen"].tolist()
 
 # %% ../nbs/08c_tune.ipynb #665233d4
-# untuned rows beside them: the independent model, FCT and the post-hoc bridges (no training of their own)
-BASELINES = ("independent", "fct", "bridge_lstsq", "bridge_ridge", "bridge_procrustes")
+# untuned rows beside them: the independent model, FCT, BiCT (BCT's reference backbone + ψ, both objectives) and the
+# post-hoc bridges — none trains a backbone of its own
+BASELINES = ("independent", "fct", "bict", "bict:psi=regress", "bridge_lstsq", "bridge_ridge", "bridge_procrustes")
 
 def plan_fair(selection: pd.DataFrame, scale: str = "quick", scenarios: Sequence[str] = ("open-class",),
               seeds: Sequence[int] | None = None, dataset: str = "emoji", tuned_on: str = "open-class",
