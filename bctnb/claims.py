@@ -105,7 +105,7 @@ def claim_verdicts(results: pd.DataFrame, refresh: pd.DataFrame, selection: dict
                               f"old/old {_pm(w.loc[w['method'] == sp('mixbct'), 'old/old:mAP'])})")
     else: out["mixbct_weak"] = nt(f"no '{WEAK_OLD}' old model with MixBCT and another method in the study")
     # RACT's negative flips
-    r = refresh[refresh["scenario"] == tuned_on] if len(refresh) else refresh
+    r = refresh[(refresh["scenario"] == tuned_on) & (refresh["old_variant"] == old_variant)] if len(refresh) else refresh
     if len(r) and {sp("ract"), sp("bct")} <= set(r["method"]):
         d = []
         for o, go in r.groupby("ordering"):
