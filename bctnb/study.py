@@ -204,10 +204,9 @@ def chain_matrix(runs: Sequence, method: str | None = None, post_epochs: int | N
     a post stage uses the h its stage results used: pass the study's `scale` (its post-stage epochs; `plan_chain`'s
     jobs fit h with them), or `post_epochs`; by default the runs' preset's epochs.'''
     from bctnb.compat import compatibility_summary
-    from bctnb.losses import gallery_fn
+    from bctnb.losses import METHODS, gallery_fn
     from bctnb.protocols import PROTOCOLS, _protocol_features
     from bctnb.train import TrainConfig
-    from bctnb.losses import METHODS
     runs = [Path(r) for r in runs]
     check(len(runs) >= 2, "chain_matrix needs at least an old and one new run")
     cls = METHODS.get(parse_method(method)[0] if method else TrainConfig.from_stored(Run(runs[-1]).config).method)

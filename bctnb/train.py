@@ -454,8 +454,9 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             pending.append(torch.stack([loss.detach().float().reshape(())]
                                        + [v.detach().float().reshape(()) for v in terms.values()]))
             end_of_epoch = bi == spe - 1 or step + 1 == total
-            log_now = rank == 0 and ((step + 1) % cfg.log_every == 0 or end_of_epoch)
-            if every_step or end_of_epoch or (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0:
+            log_step = (step + 1) % cfg.log_every == 0 or end_of_epoch
+            ckpt_step = (step + 1) % cfg.ckpt_every == 0 or step + 1 == total
+            if every_step or log_step or ckpt_step:
                 # host sync ("auto": every step on a CPU, where it is free; else at logging, epoch ends, checkpoints)
                 V = torch.stack(pending).cpu(); pending = []
                 if world > 1: dist.all_reduce(V); V /= world
@@ -483,7 +484,7 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             scaler.step(opt); scaler.update()
             step += 1; seen += len(pos) * world
             bar.update(1)
-            if log_now:
+            if rank == 0 and log_step:
                 el = time.time() - t0
                 run.log(step=step, epoch=epoch, lr=lr, loss=vals[0].item(),
                         **{f"loss_{k}": v for k, v in zip(terms, vals[1:].tolist())},
@@ -494,7 +495,7 @@ def _train_unlocked(cfg: TrainConfig, run_dir=None, root=None) -> Path:
             if end_of_epoch:
                 epoch_losses.append(ep_sum / max(ep_n, 1))
                 if rank == 0: run.log(step=step, epoch=epoch, epoch_loss=epoch_losses[-1])
-            if step % cfg.ckpt_every == 0 or step == total:
+            if ckpt_step:
                 rngs = _gather_rngs(info)
                 if rank == 0:
                     extra = {"epoch": epoch, "batch": bi + 1, "epoch_loss_sum": 0.0 if end_of_epoch else ep_sum,
